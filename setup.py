@@ -1,0 +1,38 @@
+"""Installs primus_jax, its configs and its data_prep command-line tools."""
+from setuptools import find_packages, setup
+
+setup(
+    name="primus_jax",
+    version="0.1.0",
+    description="PRIMUS IMU-encoder pretraining (SS + MM + NN) in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["primus_jax", "primus_jax.*", "configs", "data_prep", "benchmarks"]),
+    install_requires=[
+        "jax>=0.10.2,<0.11",
+        "jaxlib>=0.10.2,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "ml-collections>=1.0",
+        "absl-py>=2.0",
+        "numpy>=1.26",
+        "scipy>=1.11",
+        "transformers>=4.57,<5",
+        "grain>=0.2.12",
+        "tfrecord>=1.14",
+        "protobuf>=4.21",
+        "av>=12",
+        "seglearn>=1.2.5",
+        "aeon>=1.0",
+        "tqdm>=4.66",
+        "tensorboardX>=2.6",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "tensorflow-cpu>=2.16"],
+        "torch": ["torch"],
+        "aria": ["projectaria-tools"],
+    },
+)
