@@ -6,6 +6,7 @@ independently of the Flax code. It needs no torch.
 """
 import math
 import sys
+import types
 
 import jax
 import numpy as np
@@ -106,9 +107,8 @@ def torch_forward(state, x):
     h = adaptive_avg_pool(conv1d(h, s["backbone.3.net.0.weight"]))
     h = group_norm(h, 4, s["backbone.4.weight"], s["backbone.4.bias"])
     # (B, C=32, L=32) goes to the batch-first GRU untransposed: steps over channels.
-    emb = gru_final_state(
-        h, s["backbone.5.weight_ih_l0"], s["backbone.5.weight_hh_l0"], s["backbone.5.bias_ih_l0"], s["backbone.5.bias_hh_l0"]
-    )
+    gru = [s[f"backbone.5.{name}_l0"] for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+    emb = gru_final_state(h, *gru)
     return {
         "emb": emb,
         "ssl": emb @ s["ssl_head.weight"].T + s["ssl_head.bias"],
@@ -184,4 +184,65 @@ def test_checkpoint_without_torch_says_how_to_install(tmp_path, monkeypatch):
     checkpoint.write_bytes(b"not read without torch")
     monkeypatch.setitem(sys.modules, "torch", None)
     with pytest.raises(ImportError, match=r"pip install 'primus_jax\[torch\]'"):
+        load_reference_checkpoint(checkpoint)
+
+
+class FakeTensor:
+    """The few torch.Tensor methods load_reference_checkpoint calls, over a numpy array."""
+
+    def __init__(self, array):
+        self.array = array
+
+    def detach(self):
+        return self
+
+    def cpu(self):
+        return self
+
+    def float(self):
+        return FakeTensor(self.array.astype(np.float32))
+
+    def numpy(self):
+        return self.array
+
+
+def fake_torch_reading_npz() -> types.ModuleType:
+    """A stand-in torch whose `load` reads an .npz file as a Lightning checkpoint (keys with
+    "state_dict/" go under "state_dict"), so the tests need no torch."""
+    fake = types.ModuleType("torch")
+    fake.Tensor = FakeTensor
+
+    def load(path, map_location, weights_only):
+        assert map_location == "cpu"
+        with np.load(path) as stored:
+            state = {
+                key.removeprefix("state_dict/"): FakeTensor(stored[key])
+                for key in stored
+                if key.startswith("state_dict/")
+            }
+        return {"state_dict": state, "epoch": 14} if state else {"epoch": 14}
+
+    fake.load = load
+    return fake
+
+
+def test_checkpoint_state_dict_is_read_and_converted(tmp_path, monkeypatch):
+    state = random_state_dict(seed=5)
+    stored = {f"state_dict/imu_encoder.{key}": value.astype(np.float64) for key, value in state.items()}
+    stored["state_dict/clip_model.logit_scale"] = np.array(4.6)
+    checkpoint = tmp_path / "best_model.ckpt"
+    with open(checkpoint, "wb") as file:
+        np.savez(file, **stored)
+    monkeypatch.setitem(sys.modules, "torch", fake_torch_reading_npz())
+    params = load_reference_checkpoint(checkpoint)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params, params_from_torch_state_dict(state))
+    assert params["ssl_head"]["kernel"].dtype == np.float32
+
+
+def test_checkpoint_without_state_dict_is_rejected(tmp_path, monkeypatch):
+    checkpoint = tmp_path / "weights.ckpt"
+    with open(checkpoint, "wb") as file:
+        np.savez(file, epoch=np.array(14))
+    monkeypatch.setitem(sys.modules, "torch", fake_torch_reading_npz())
+    with pytest.raises(ValueError, match="weights.ckpt is not a Lightning checkpoint: it has no 'state_dict' entry"):
         load_reference_checkpoint(checkpoint)
