@@ -1,0 +1,165 @@
+"""Device-resident nearest-neighbour queue for the L_NN terms.
+
+Three index-aligned ring buffers of S slots hold, per past sample, its IMU ssl feature
+(detached), its frozen text embedding and its frozen video embedding, all L2-normalised,
+with flags saying which slots are filled and which have text / video. The queue lives in
+the train state: lookup and enqueue are pure, jittable functions of it.
+
+Each step the train step first looks up every sample's nearest neighbour among the stored
+slots, then enqueues the batch (the reference's order).
+"""
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from primus_jax.losses import l2_normalize
+
+RETRIEVAL_MODES = ("auto", "imu")
+
+
+class NNQueue(struct.PyTreeNode):
+    """Ring buffers of S slots; slot j holds one past sample.
+
+    imu (S, Di), text (S, Dt), video (S, Dv): float32 L2-normalised features.
+    has_text, has_video, filled: (S,) bool. ptr: int32 scalar, the next slot to write.
+    """
+
+    imu: jax.Array
+    text: jax.Array
+    video: jax.Array
+    has_text: jax.Array
+    has_video: jax.Array
+    filled: jax.Array
+    ptr: jax.Array
+
+    @property
+    def size(self) -> int:
+        """Number of slots S."""
+        return self.filled.shape[0]
+
+
+def init_queue(size: int = 8192, imu_dim: int = 512, text_dim: int = 512, video_dim: int = 512) -> NNQueue:
+    """An empty queue: zero features, nothing filled, ptr = 0."""
+    if size < 1:
+        raise ValueError(f"queue size must be at least 1, got {size}.")
+    return NNQueue(
+        imu=jnp.zeros((size, imu_dim), jnp.float32),
+        text=jnp.zeros((size, text_dim), jnp.float32),
+        video=jnp.zeros((size, video_dim), jnp.float32),
+        has_text=jnp.zeros((size,), bool),
+        has_video=jnp.zeros((size,), bool),
+        filled=jnp.zeros((size,), bool),
+        ptr=jnp.zeros((), jnp.int32),
+    )
+
+
+def _require_batch(queue: NNQueue, imu, text, video, has_text, has_video, function: str) -> None:
+    """Raise ValueError naming the first argument whose shape does not fit the queue."""
+    batch = imu.shape[0] if imu.ndim == 2 else None
+    expected = {
+        "imu": (batch, queue.imu.shape[1]),
+        "text": (batch, queue.text.shape[1]),
+        "video": (batch, queue.video.shape[1]),
+        "has_text": (batch,),
+        "has_video": (batch,),
+    }
+    given = {"imu": imu, "text": text, "video": video, "has_text": has_text, "has_video": has_video}
+    for name, shape in expected.items():
+        if tuple(given[name].shape) != shape:
+            raise ValueError(
+                f"{function}: {name} has shape {tuple(given[name].shape)}, expected {shape} "
+                f"for this queue and a batch of {batch}."
+            )
+
+
+def lookup(
+    queue: NNQueue,
+    imu: jax.Array,
+    text: jax.Array,
+    video: jax.Array,
+    has_text: jax.Array,
+    has_video: jax.Array,
+    retrieve_by: str = "auto",
+) -> dict[str, jax.Array]:
+    """Nearest stored slot of each of B samples, by cosine similarity.
+
+    imu (B, Di) ssl features, text (B, Dt), video (B, Dv), has_text / has_video (B,) bool.
+    retrieve_by="auto": a sample with video is matched by video against filled slots with
+    video; else, with text, by text against filled slots with text; else by IMU against all
+    filled slots. retrieve_by="imu": every sample by IMU (the reference does so at alpha = 1).
+
+    Computed as three (B, S) similarity matmuls C_m = norm(q_m) Q_m^T, a per-sample choice of
+    one of them with its (B, S) eligibility mask E, and j*_b = argmax_j {C_bj : E_bj}.
+    Returns {"imu", "text", "video": (B, .) neighbour rows, "has_text", "has_video": (B,) its
+    flags, "valid": (B,) at least one eligible slot, "index": (B,) int32 j*}. Where valid is
+    False the rows are zero, the flags False and the index 0 (an empty queue gives no neighbours).
+    """
+    if retrieve_by not in RETRIEVAL_MODES:
+        raise ValueError(f"retrieve_by must be one of {RETRIEVAL_MODES}, got {retrieve_by!r}.")
+    _require_batch(queue, imu, text, video, has_text, has_video, "lookup")
+    imu_similarity = l2_normalize(imu) @ queue.imu.T
+    imu_eligible = jnp.broadcast_to(queue.filled, imu_similarity.shape)
+    if retrieve_by == "imu":
+        similarity, eligible = imu_similarity, imu_eligible
+    else:
+        by_video = has_video[:, None]
+        by_text = (has_text & ~has_video)[:, None]
+        similarity = jnp.where(
+            by_video,
+            l2_normalize(video) @ queue.video.T,
+            jnp.where(by_text, l2_normalize(text) @ queue.text.T, imu_similarity),
+        )
+        eligible = jnp.where(
+            by_video,
+            (queue.filled & queue.has_video)[None, :],
+            jnp.where(by_text, (queue.filled & queue.has_text)[None, :], imu_eligible),
+        )
+    valid = jnp.any(eligible, axis=1)
+    index = jnp.where(valid, jnp.argmax(jnp.where(eligible, similarity, -jnp.inf), axis=1), 0).astype(jnp.int32)
+
+    def gather(rows):
+        picked = rows[index]
+        return jnp.where(valid.reshape((-1,) + (1,) * (picked.ndim - 1)), picked, jnp.zeros_like(picked))
+
+    return {
+        "imu": gather(queue.imu),
+        "text": gather(queue.text),
+        "video": gather(queue.video),
+        "has_text": gather(queue.has_text),
+        "has_video": gather(queue.has_video),
+        "valid": valid,
+        "index": index,
+    }
+
+
+def enqueue(
+    queue: NNQueue,
+    imu: jax.Array,
+    text: jax.Array,
+    video: jax.Array,
+    has_text: jax.Array,
+    has_video: jax.Array,
+) -> NNQueue:
+    """Write B samples into slots (ptr + i) mod S, i = 0..B-1, and advance ptr by B (mod S).
+
+    Features are stored L2-normalised as float32; the IMU features are stop_gradient'ed
+    (the queue is a constant for the loss). Requires B <= S so a batch never overwrites itself.
+    """
+    _require_batch(queue, imu, text, video, has_text, has_video, "enqueue")
+    batch, size = imu.shape[0], queue.size
+    if batch > size:
+        raise ValueError(f"enqueue: a batch of {batch} does not fit a queue of {size} slots (need B <= S).")
+    slots = (queue.ptr + jnp.arange(batch, dtype=jnp.int32)) % size
+
+    def store(features):
+        return l2_normalize(jax.lax.stop_gradient(features).astype(jnp.float32))
+
+    return queue.replace(
+        imu=queue.imu.at[slots].set(store(imu)),
+        text=queue.text.at[slots].set(store(text)),
+        video=queue.video.at[slots].set(store(video)),
+        has_text=queue.has_text.at[slots].set(has_text.astype(bool)),
+        has_video=queue.has_video.at[slots].set(has_video.astype(bool)),
+        filled=queue.filled.at[slots].set(True),
+        ptr=((queue.ptr + batch) % size).astype(jnp.int32),
+    )
