@@ -1,0 +1,480 @@
+"""Ego4D v1 narrated IMU windows -> TFRecord shards with frozen text and video embeddings.
+
+    python -m data_prep.ego4d --ego4d-root DIR --out DIR [--towers SPEC] [--window-sec 5]
+        [--rate 50] [--splits train=0.8 val=0.1 test=0.1] [--limit-videos N] [--require-video]
+
+Input layout (Ego4D v1):
+  v1/annotations/narration.json   {video_uid: {"narration_pass_1": {"narrations": [
+                                    {"timestamp_sec": t, "narration_text": "#C C opens ...", ...}]},
+                                    "narration_pass_2": {...}}}   (both passes are used)
+  v1/imu/<video_uid>.csv          columns canonical_timestamp_ms, accl_x, accl_y, accl_z (m/s^2),
+                                    gyro_x, gyro_y, gyro_z (rad/s); the canonical time is the
+                                    video's clock, so narration t seconds is IMU time 1000 t ms.
+  v1/full_scale/<video_uid>.mp4   the video.
+
+Each narration at t gives the window [start, end) = `common.narration_window(t, D, half)` with D
+the last IMU time (SPEC §4). The IMU samples of the window are linearly interpolated onto the
+uniform grid start + i / (m r), i < m r w (r = --rate, w = --window-sec, m = round(native rate
+/ r) >= 1) and decimated by m with the anti-aliasing `common.resample`, which gives exactly
+T = r w samples aligned with the window; no padding or trimming is needed.
+
+Videos are read and embedded one window at a time in small batches, so memory stays bounded.
+Policy for video: a window whose mp4 is missing or unreadable is kept with has_video = 0 and
+counted in report.json under "kept_without_video"; `--require-video` drops it instead.
+Recordings are assigned to splits whole (`common.split_by_group` over the processed videos).
+
+The code below the Ego4D-specific part (`Narration`, `Recording`, `recording_windows`,
+`write_dataset`, the shared command-line options) is also used by `data_prep.egoexo4d`.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import dataclasses
+import functools
+import json
+import math
+import os
+import sys
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import tqdm
+
+from data_prep import common
+from data_prep.video import VideoError, read_clip
+from primus_jax import towers
+from primus_jax.data import DatasetWriter, Window
+
+IMU_TIME_COLUMN = "canonical_timestamp_ms"
+IMU_VALUE_COLUMNS = ("accl_x", "accl_y", "accl_z", "gyro_x", "gyro_y", "gyro_z")
+NARRATION_PASSES = ("narration_pass_1", "narration_pass_2")
+
+
+class ImuFileError(Exception):
+    """A recording's whole IMU file is unusable: `reason` is counted, `detail` names the file."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclasses.dataclass(frozen=True)
+class Narration:
+    """A timestamped description of a recording: time in seconds on the IMU clock, raw text."""
+
+    time_s: float
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Recording:
+    """One IMU recording with its narrations, its video (or None) and the split it goes to.
+
+    `load_imu()` returns (times_s (N,), imu (N, 6)) on the narrations' clock, or raises
+    ImuFileError; it is called only when the recording is processed (one at a time).
+    """
+
+    recording_id: str
+    subject: str
+    split: str
+    narrations: tuple[Narration, ...]
+    video_path: str | None
+    load_imu: Callable[[], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowSettings:
+    """How windows are cut and embedded (see the module docstring)."""
+
+    window_sec: float = 5.0
+    rate_hz: float = 50.0
+    max_gap_s: float = 0.5
+    require_video: bool = False
+    frames_per_clip: int = 50
+    video_batch: int = 8
+    text_batch: int = 256
+
+    @property
+    def length(self) -> int:
+        return int(round(self.window_sec * self.rate_hz))
+
+
+class EgoReport(common.Report):
+    """A Report that also counts windows kept without a video embedding, per reason."""
+
+    def __init__(self, source: str):
+        super().__init__(source)
+        self.without_video: collections.Counter[str] = collections.Counter()
+
+    def keep_without_video(self, reason: str, detail: str) -> None:
+        self.without_video[reason] += 1
+        if len(self.examples[reason]) < self.MAX_EXAMPLES:
+            self.examples[reason].append(detail)
+
+    def as_dict(self) -> dict:
+        return {**super().as_dict(), "kept_without_video": dict(sorted(self.without_video.items()))}
+
+
+def read_imu_csv(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """Reads an Ego4D-style IMU CSV into (times_s (N,) float64, imu (N, 6) float64), sorted by time.
+
+    Columns are found by name (canonical_timestamp_ms, accl_x..z, gyro_x..z; others ignored).
+    An empty value becomes NaN (windows that touch it are dropped later); rows with an empty
+    timestamp are removed since they cannot be placed in time.
+
+    Raises:
+      ImuFileError: reason "missing imu" (no file), "bad columns" (a column is missing) or
+        "bad values" (a value is not a number), with a detail naming the file, line and column.
+    """
+    if not os.path.isfile(path):
+        raise ImuFileError("missing imu", f"{path}: IMU file not found")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = [name.strip() for name in next(reader, [])]
+        wanted = (IMU_TIME_COLUMN,) + IMU_VALUE_COLUMNS
+        missing = [name for name in wanted if name not in header]
+        if missing:
+            raise ImuFileError("bad columns", f"{path}: missing column(s) {', '.join(missing)} (found {header})")
+        columns = [header.index(name) for name in wanted]
+        rows = []
+        for line_number, row in enumerate(reader, start=2):
+            values = []
+            for name, column in zip(wanted, columns):
+                cell = row[column].strip() if column < len(row) else ""
+                try:
+                    values.append(float(cell) if cell else math.nan)
+                except ValueError:
+                    raise ImuFileError(
+                        "bad values", f"{path} line {line_number}: {name} is {cell!r}, not a number"
+                    ) from None
+            rows.append(values)
+    table = np.asarray(rows, dtype=np.float64).reshape(-1, len(wanted))
+    table = table[np.isfinite(table[:, 0])]
+    table = table[np.argsort(table[:, 0], kind="stable")]
+    return table[:, 0] / 1000.0, table[:, 1:]
+
+
+def window_imu(
+    times_s: np.ndarray, imu: np.ndarray, start: float, end: float, settings: WindowSettings, name: str
+) -> np.ndarray | common.Problem:
+    """The (T, 6) float32 window [start, end) at settings.rate_hz, or the Problem that prevents it.
+
+    The samples bracketing the window (plus one neighbour each side) must cover it to within
+    max_gap_s at both ends ("out of range") and pass `common.check_imu` (finite, increasing
+    timestamps, no gap > max_gap_s, plausible units). They are interpolated onto a uniform grid
+    at m * rate (m = round(native rate / rate), at least 1) and decimated by m with
+    `common.resample`, giving exactly T = rate * window_sec samples.
+    """
+    lo = max(int(np.searchsorted(times_s, start, side="right")) - 1, 0)
+    hi = min(int(np.searchsorted(times_s, end, side="left")) + 1, len(times_s))
+    if hi - lo < 2 or times_s[lo] > start + settings.max_gap_s or times_s[hi - 1] < end - settings.max_gap_s:
+        covered = f"[{times_s[0]:.2f}, {times_s[-1]:.2f}] s" if len(times_s) else "nothing"
+        return common.Problem("out of range", f"{name}: the IMU covers {covered}")
+    times, values = times_s[lo:hi], imu[lo:hi]
+    problem = common.check_imu(values, name, timestamps_s=times, max_gap_s=settings.max_gap_s)
+    if problem is not None:
+        return problem
+    native_rate = (len(times) - 1) / (times[-1] - times[0])
+    factor = max(1, int(round(native_rate / settings.rate_hz)))
+    grid_rate = settings.rate_hz * factor
+    grid = start + np.arange(settings.length * factor) / grid_rate
+    on_grid = np.stack([np.interp(grid, times, values[:, c]) for c in range(values.shape[1])], axis=1)
+    return common.resample(on_grid, grid_rate, settings.rate_hz).astype(np.float32)
+
+
+def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
+    for first in range(0, len(items), size):
+        yield items[first : first + size]
+
+
+def _embed_videos(
+    candidates: list[dict], video_path: str | None, settings: WindowSettings, video_tower, report: EgoReport
+) -> list[dict]:
+    """Adds "video_emb" (None when the video is missing or unreadable) to each candidate window.
+
+    Returns the candidates that stay, in order: all of them, or with `settings.require_video`
+    only those with a video embedding. Clips are read and embedded video_batch at a time.
+    """
+    def without_video(candidate: dict, reason: str, detail: str) -> None:
+        candidate["video_emb"] = None
+        (report.drop if settings.require_video else report.keep_without_video)(reason, detail)
+
+    if video_tower is None:
+        for candidate in candidates:
+            candidate["video_emb"] = None
+        return candidates
+    if video_path is None or not os.path.isfile(video_path):
+        for candidate in candidates:
+            without_video(candidate, "missing video", f"{video_path}: video file not found")
+    else:
+        for batch in _batches(candidates, settings.video_batch):
+            readable, clips = [], []
+            for candidate in batch:
+                try:
+                    clips.append(read_clip(video_path, candidate["start"], candidate["end"], settings.frames_per_clip))
+                    readable.append(candidate)
+                except VideoError as error:
+                    without_video(candidate, "unreadable video", str(error))
+            if clips:
+                for candidate, embedding in zip(readable, video_tower.embed_clips(clips, progress=False)):
+                    candidate["video_emb"] = embedding
+    return [c for c in candidates if c["video_emb"] is not None or not settings.require_video]
+
+
+def recording_windows(
+    recording: Recording,
+    times_s: np.ndarray,
+    imu: np.ndarray,
+    *,
+    source: str,
+    settings: WindowSettings,
+    text_tower,
+    video_tower,
+    report: EgoReport,
+) -> list[Window]:
+    """Cuts, checks and embeds the narration windows of one recording (SPEC §4).
+
+    For each narration (time t, text): the text is cleaned (`common.clean_narration`; empty ->
+    dropped "empty text"); t must lie within the IMU's time span (else "out of range"); the
+    window is `common.narration_window(t, last IMU time, window_sec / 2)`; its IMU comes from
+    `window_imu`; its video frames from `read_clip` (see the module's video policy); text and
+    video embeddings are computed in batches. Every drop is counted in `report`.
+
+    Returns:
+      The recording's Windows, in narration order.
+    """
+    candidates = []
+    for narration in recording.narrations:
+        name = f"{recording.recording_id} narration at {narration.time_s:.2f} s"
+        text = common.clean_narration(narration.text)
+        if not text:
+            report.drop("empty text", f"{name}: {narration.text!r} is empty once cleaned")
+            continue
+        if not times_s[0] <= narration.time_s <= times_s[-1]:
+            report.drop("out of range", f"{name}: outside the IMU span [{times_s[0]:.2f}, {times_s[-1]:.2f}] s")
+            continue
+        bounds = common.narration_window(narration.time_s, float(times_s[-1]), half=settings.window_sec / 2)
+        if bounds is None:
+            report.drop("out of range", f"{name}: the recording is shorter than {settings.window_sec} s")
+            continue
+        window = window_imu(times_s, imu, bounds[0], bounds[1], settings, name)
+        if isinstance(window, common.Problem):
+            report.drop(*window)
+            continue
+        candidates.append({"text": text, "start": bounds[0], "end": bounds[1], "imu": window})
+    candidates = _embed_videos(candidates, recording.video_path, settings, video_tower, report)
+    for batch in _batches(candidates, settings.text_batch):
+        embeddings = text_tower.embed([c["text"] for c in batch], progress=False) if text_tower else [None] * len(batch)
+        for candidate, embedding in zip(batch, embeddings):
+            candidate["text_emb"] = embedding
+    return [
+        Window(
+            imu=c["imu"],
+            rate_hz=settings.rate_hz,
+            text=c["text"],
+            text_emb=c["text_emb"],
+            video_emb=c["video_emb"],
+            source=source,
+            recording_id=recording.recording_id,
+            subject=recording.subject,
+            start_s=c["start"],
+            end_s=c["end"],
+        )
+        for c in candidates
+    ]
+
+
+def write_dataset(
+    recordings: Sequence[Recording],
+    out_dir: str,
+    *,
+    source: str,
+    input_description: str,
+    settings: WindowSettings,
+    text_tower,
+    video_tower,
+    overwrite: bool = False,
+) -> EgoReport:
+    """Processes the recordings one at a time and writes their windows and report.json to out_dir.
+
+    Raises:
+      NothingUsable: no window survived (report.json is still written, the shards are not).
+    """
+    report = EgoReport(source)
+    extra = {"window_sec": settings.window_sec, "max_gap_s": settings.max_gap_s,
+             "require_video": settings.require_video, "frames_per_clip": settings.frames_per_clip}
+    with DatasetWriter(
+        out_dir,
+        T=settings.length,
+        rate_hz=settings.rate_hz,
+        text_dim=text_tower.dim if text_tower else 0,
+        video_dim=video_tower.dim if video_tower else 0,
+        towers={name: tower.describe() for name, tower in (("text", text_tower), ("video", video_tower)) if tower},
+        overwrite=overwrite,
+        extra=extra,
+    ) as writer:
+        for recording in tqdm.tqdm(recordings, desc=source, unit="recording"):
+            try:
+                times_s, imu = recording.load_imu()
+            except ImuFileError as error:
+                for _ in recording.narrations:
+                    report.drop(error.reason, error.detail)
+                continue
+            windows = recording_windows(
+                recording, times_s, imu, source=source, settings=settings,
+                text_tower=text_tower, video_tower=video_tower, report=report,
+            )
+            for window in windows:
+                writer.add(recording.split, window)
+            if windows:
+                report.keep(recording.split, len(windows))
+        report.write(out_dir)
+        report.require_some(input_description)
+    return report
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options shared by the Ego4D and Ego-Exo4D command lines."""
+    parser.add_argument("--out", required=True, help="output folder for shards, manifest.json and report.json")
+    parser.add_argument("--towers", default="clip:Searchium-ai/clip4clip-webvid150k",
+                        help="tower spec for text and video: clip:<path-or-hub-id>, tiny-random or none")
+    parser.add_argument("--text-tower", help="text tower spec, also minilm (default: --towers)")
+    parser.add_argument("--video-tower", help="video tower spec; none writes no video embedding (default: --towers)")
+    parser.add_argument("--window-sec", type=float, default=5.0, help="window length in seconds")
+    parser.add_argument("--rate", type=float, default=50.0, help="output IMU rate in Hz")
+    parser.add_argument("--max-gap-s", type=float, default=0.5,
+                        help="drop a window whose IMU has a time gap longer than this (seconds)")
+    parser.add_argument("--require-video", action="store_true",
+                        help="drop windows whose video is missing or unreadable (default: keep them with has_video=0)")
+    parser.add_argument("--frames-per-clip", type=int, default=50, help="video frames embedded per window")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
+
+
+def settings_from_args(args: argparse.Namespace) -> WindowSettings:
+    return WindowSettings(window_sec=args.window_sec, rate_hz=args.rate, max_gap_s=args.max_gap_s,
+                          require_video=args.require_video, frames_per_clip=args.frames_per_clip)
+
+
+def run_cli(args: argparse.Namespace, build_recordings: Callable[[], tuple[list[Recording], str]], source: str) -> int:
+    """Loads the towers, writes the dataset and prints the report; returns the exit status.
+
+    Bad input (a missing or malformed annotation file, an unusable tower spec) and a run with no
+    usable window print one error sentence to stderr and return 1.
+    """
+    try:
+        recordings, input_description = build_recordings()
+        report = write_dataset(
+            recordings, args.out, source=source, input_description=input_description,
+            settings=settings_from_args(args),
+            text_tower=towers.load_text_tower(args.text_tower or args.towers),
+            video_tower=towers.load_video_tower(args.video_tower or args.towers),
+            overwrite=args.overwrite,
+        )
+    except (common.NothingUsable, ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    return 0
+
+
+def parse_splits(pairs: Sequence[str]) -> dict[str, float]:
+    """["train=0.8", "val=0.2"] -> {"train": 0.8, "val": 0.2}."""
+    fractions = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        try:
+            fractions[name] = float(value)
+        except ValueError:
+            raise ValueError(f"--splits: {pair!r} is not NAME=FRACTION.") from None
+    return fractions
+
+
+def load_json(path: str, what: str):
+    """Parses a JSON file, raising ValueError / FileNotFoundError that name the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path} does not exist.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{what} {path} is not valid JSON ({error}).") from None
+
+
+def parse_narrations(items: Sequence[dict], time_key: str, text_key: str, where: str) -> list[Narration]:
+    """Narrations from annotation items {time_key: seconds, text_key: text}; `where` names them in errors."""
+    narrations = []
+    for index, item in enumerate(items):
+        try:
+            narrations.append(Narration(float(item[time_key]), str(item[text_key])))
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{where} item {index} lacks a numeric {time_key} or a {text_key}.") from None
+    return narrations
+
+
+def ego4d_narrations(narration_json: dict, path: str) -> dict[str, tuple[Narration, ...]]:
+    """{video_uid: narrations of both passes} from Ego4D's narration.json (empty videos left out)."""
+    if not isinstance(narration_json, dict):
+        raise ValueError(f"{path}: expected an object keyed by video_uid, got {type(narration_json).__name__}.")
+    videos = {}
+    for video_uid, passes in narration_json.items():
+        narrations = []
+        for pass_name in NARRATION_PASSES:
+            items = (passes.get(pass_name) or {}).get("narrations") or []
+            narrations += parse_narrations(items, "timestamp_sec", "narration_text", f"{path}: {video_uid} {pass_name}")
+        if narrations:
+            videos[video_uid] = tuple(narrations)
+    return videos
+
+
+def ego4d_recordings(
+    root: str, fractions: dict[str, float], seed: int, limit_videos: int | None
+) -> tuple[list[Recording], str]:
+    """The Ego4D recordings to process: narrated videos (sorted by uid), split by video uid.
+
+    With `limit_videos`, only the first N narrated videos that have an IMU file are kept.
+    """
+    path = os.path.join(root, "v1", "annotations", "narration.json")
+    videos = ego4d_narrations(load_json(path, "Ego4D narration file"), path)
+    uids = sorted(videos)
+
+    def imu_path(uid: str) -> str:
+        return os.path.join(root, "v1", "imu", f"{uid}.csv")
+
+    if limit_videos is not None:
+        uids = [uid for uid in uids if os.path.isfile(imu_path(uid))][:limit_videos]
+    splits = common.split_by_group(uids, fractions, seed)
+    recordings = [
+        Recording(
+            recording_id=uid,
+            subject=uid,
+            split=splits[uid],
+            narrations=videos[uid],
+            video_path=os.path.join(root, "v1", "full_scale", f"{uid}.mp4"),
+            load_imu=functools.partial(read_imu_csv, imu_path(uid)),
+        )
+        for uid in uids
+    ]
+    return recordings, f"Ego4D root {root} ({len(recordings)} narrated videos)"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_prep.ego4d", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ego4d-root", required=True, help="folder that holds v1/ (imu, annotations, full_scale)")
+    add_common_arguments(parser)
+    parser.add_argument("--splits", nargs="+", default=["train=0.8", "val=0.1", "test=0.1"],
+                        help="split fractions by video, NAME=FRACTION ...")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split assignment")
+    parser.add_argument("--limit-videos", type=int, help="process only the first N videos that have IMU")
+    args = parser.parse_args(argv)
+    return run_cli(
+        args,
+        lambda: ego4d_recordings(args.ego4d_root, parse_splits(args.splits), args.seed, args.limit_videos),
+        source="ego4d",
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
