@@ -161,6 +161,8 @@ def make_augmentation(names: Sequence[str]) -> Transform:
     Transforms apply in list order; an empty list is the identity. An unknown name raises
     ValueError listing the valid names.
     """
+    if isinstance(names, str):
+        raise ValueError(f"make_augmentation takes a list of transform names, got the string {names!r}.")
     names = tuple(names)
     unknown = [name for name in names if name not in TRANSFORMS]
     if unknown:

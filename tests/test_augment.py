@@ -109,6 +109,8 @@ def test_composition_applies_in_list_order_with_split_keys():
 def test_unknown_name_lists_valid_names():
     with pytest.raises(ValueError, match="'jitter'.*valid names are.*rotation"):
         augment.make_augmentation(["scaling", "jitter"])
+    with pytest.raises(ValueError, match="list of transform names"):
+        augment.make_augmentation("scaling")
 
 
 def test_jit_and_keys():
