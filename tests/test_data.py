@@ -122,7 +122,7 @@ def test_batch_iterator_round_trip_in_order(dataset):
         assert_matches_window(lambda name: merged[name][i], i, make_window(i))
 
 
-def test_tf_data_reads_our_shards(dataset):
+def test_tf_data_reads_our_shards(dataset, tmp_path):
     import tensorflow as tf
 
     shard = os.path.join(dataset, "train-00001.tfrecord")
@@ -161,6 +161,14 @@ def test_tf_data_reads_our_shards(dataset):
             assert record[name].numpy().decode() == getattr(window, name)
         assert record["start_s"].numpy() == np.float32(window.start_s)
         assert record["end_s"].numpy() == np.float32(window.end_s)
+    # The other way round: our reader reads TensorFlow's framing.
+    copy = os.path.join(tmp_path, "tf_written.tfrecord")
+    with tf.io.TFRecordWriter(copy) as writer, data.TFRecordIndex(shard) as ours:
+        originals = [ours.read(i) for i in range(len(ours))]
+        for raw in originals:
+            writer.write(raw)
+    with data.TFRecordIndex(copy) as theirs:
+        assert [theirs.read(i) for i in range(len(theirs))] == originals
 
 
 def test_writer_exception_leaves_nothing(tmp_path):
