@@ -161,9 +161,9 @@ def test_encode_pads_the_last_batch_and_matches_apply(tiny_params):
 
 def test_fine_tune_learns_frequency_classes_beyond_chance(tiny_params):
     rng = np.random.default_rng(5)
-    train_windows, train_labels = frequency_windows(8, rng)
+    train_windows, train_labels = frequency_windows(12, rng)
     test_windows, test_labels = frequency_windows(20, rng)
-    config = evaluate.FineTuneConfig(steps=60, learning_rate=1e-2, warmup_steps=5, normalize_features=False)
+    config = evaluate.FineTuneConfig(steps=60, learning_rate=1e-2, warmup_steps=5)
     result = evaluate.fine_tune_probe(
         TINY_MODEL, tiny_params, train_windows, train_labels, test_windows, test_labels,
         evaluate.FewShotProtocol((8,), 3, trials=2), config=config, progress=False,
