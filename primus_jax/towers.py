@@ -171,8 +171,8 @@ class MiniLMTextTower:
         model = FlaxBertModel(config, add_pooling_layer=False, _do_init=False)
         self.dim = config.hidden_size
         self.source = model_dir
-        self._params = load_bert_safetensors(model, weights)
-        self._tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model, self.params = model, load_bert_safetensors(model, weights)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
 
         def forward(params, input_ids, attention_mask):
             hidden = model(input_ids, attention_mask, jnp.zeros_like(input_ids), params=params).last_hidden_state
@@ -187,11 +187,12 @@ class MiniLMTextTower:
         _check_batch_size(batch_size)
         if len(texts) == 0:
             return np.zeros((0, self.dim), np.float32)
-        longest = max(len(ids) for ids in self._tokenizer(list(texts), truncation=True, max_length=MINILM_MAX_TOKENS)["input_ids"])
-        tokens = self._tokenizer(
+        unpadded = self.tokenizer(list(texts), truncation=True, max_length=MINILM_MAX_TOKENS)["input_ids"]
+        longest = max(len(ids) for ids in unpadded)
+        tokens = self.tokenizer(
             list(texts), padding="max_length", truncation=True, max_length=_length_bucket(longest), return_tensors="np"
         )
-        forward = functools.partial(self._forward, self._params)
+        forward = functools.partial(self._forward, self.params)
         arrays = [tokens["input_ids"].astype(np.int32), tokens["attention_mask"].astype(np.int32)]
         return _run_in_batches(forward, arrays, batch_size, progress, f"{self.name} text")
 
@@ -244,7 +245,7 @@ class CLIPTextTower:
 
     def __init__(self, model, params, tokenizer, name: str, source: str):
         self.name, self.source, self.dim = name, source, model.config.projection_dim
-        self._params, self._tokenizer = params, tokenizer
+        self.model, self.params, self.tokenizer = model, params, tokenizer
         self._forward = jax.jit(lambda p, ids, mask: l2_normalize(model.get_text_features(ids, mask, params=p)))
 
     def embed(self, texts: Sequence[str], batch_size: int = 64, progress: bool = True) -> np.ndarray:
@@ -252,10 +253,10 @@ class CLIPTextTower:
         _check_batch_size(batch_size)
         if len(texts) == 0:
             return np.zeros((0, self.dim), np.float32)
-        tokens = self._tokenizer(
+        tokens = self.tokenizer(
             list(texts), padding="max_length", truncation=True, max_length=CLIP_TEXT_LENGTH, return_tensors="np"
         )
-        forward = functools.partial(self._forward, self._params)
+        forward = functools.partial(self._forward, self.params)
         arrays = [tokens["input_ids"].astype(np.int32), tokens["attention_mask"].astype(np.int32)]
         return _run_in_batches(forward, arrays, batch_size, progress, f"{self.name} text")
 
@@ -275,7 +276,7 @@ class CLIPVideoTower:
         self.name, self.source = name, source
         self.dim = model.config.projection_dim
         self.image_size = model.config.vision_config.image_size
-        self._params = params
+        self.model, self.params = model, params
         # get_image_features takes channels-first pixels.
         self._forward = jax.jit(
             lambda p, pixels: model.get_image_features(jnp.transpose(pixels, (0, 3, 1, 2)), params=p)
@@ -304,7 +305,7 @@ class CLIPVideoTower:
         frame_embeddings = []
         with tqdm(total=int(lengths.sum()), desc=f"{self.name} frames", unit="frame", disable=not progress) as bar:
             for batch in self._frame_batches(clips, batch_size):
-                frame_embeddings.append(np.asarray(self._forward(self._params, batch)))
+                frame_embeddings.append(np.asarray(self._forward(self.params, batch)))
                 bar.update(min(batch_size, bar.total - bar.n))
         per_frame = np.concatenate(frame_embeddings)[: lengths.sum()]
         offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
@@ -363,48 +364,58 @@ class CLIPTowers:
     def from_pretrained(path_or_id: str) -> tuple[CLIPTextTower, CLIPVideoTower]:
         """Loads a CLIP / CLIP4Clip checkpoint (a local folder or a hub id already in the HF cache).
 
-        Flax weights are used when present, else PyTorch weights are converted (from_pt).
+        Flax weights are read as they are; without them, PyTorch weights are converted (from_pt),
+        which first runs a random initialisation.
         """
         from transformers import CLIPTokenizer, FlaxCLIPModel
 
         try:
-            model = FlaxCLIPModel.from_pretrained(path_or_id)
-        except OSError:
+            model, params = FlaxCLIPModel.from_pretrained(path_or_id, _do_init=False)
+        except OSError:  # no Flax weights in the folder / repository
             model = FlaxCLIPModel.from_pretrained(path_or_id, from_pt=True)
+            params = model.params
         tokenizer = CLIPTokenizer.from_pretrained(path_or_id)
         name = os.path.basename(os.path.normpath(path_or_id))
         return (
-            CLIPTextTower(model, model.params, tokenizer, name, path_or_id),
-            CLIPVideoTower(model, model.params, name, path_or_id),
+            CLIPTextTower(model, params, tokenizer, name, path_or_id),
+            CLIPVideoTower(model, params, name, path_or_id),
         )
 
     @staticmethod
-    @functools.lru_cache(maxsize=None)
     def random_tiny(seed: int = 0) -> tuple[CLIPTextTower, CLIPVideoTower]:
-        """A tiny random CLIP (width 32, 2 layers, 32 px images, 8 px patches, 16-d projection)."""
-        from transformers import CLIPConfig, CLIPTokenizer, FlaxCLIPModel
+        """A tiny random CLIP (width 32, 2 layers, 32 px images, 8 px patches, 16-d projection).
 
-        with tempfile.TemporaryDirectory() as folder:
-            tokenizer = CLIPTokenizer(*_write_tiny_bpe(folder))
-        shared = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-        config = CLIPConfig(
-            text_config=dict(
-                vocab_size=len(tokenizer),
-                max_position_embeddings=CLIP_TEXT_LENGTH,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-                **shared,
-            ),
-            vision_config=dict(image_size=32, patch_size=8, **shared),
-            projection_dim=16,
-        )
-        model = FlaxCLIPModel(config, _do_init=False)
-        input_shape = ((1, CLIP_TEXT_LENGTH), (1, 32, 32, 3))
-        shapes = jax.eval_shape(lambda rng: model.init_weights(rng, input_shape), jax.random.PRNGKey(0))
-        params = _random_params(shapes, seed)
-        name, source = "tiny-random-clip", f"random init, seed {seed}"
-        return CLIPTextTower(model, params, tokenizer, name, source), CLIPVideoTower(model, params, name, source)
+        Built once per seed and process.
+        """
+        return _random_tiny_clip(int(seed))
+
+
+@functools.lru_cache(maxsize=None)
+def _random_tiny_clip(seed: int) -> tuple[CLIPTextTower, CLIPVideoTower]:
+    """Builds `CLIPTowers.random_tiny(seed)`: tiny config, tiny BPE tokenizer, numpy-drawn parameters."""
+    from transformers import CLIPConfig, CLIPTokenizer, FlaxCLIPModel
+
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer = CLIPTokenizer(*_write_tiny_bpe(folder))
+    shared = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            max_position_embeddings=CLIP_TEXT_LENGTH,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **shared,
+        ),
+        vision_config=dict(image_size=32, patch_size=8, **shared),
+        projection_dim=16,
+    )
+    model = FlaxCLIPModel(config, _do_init=False)
+    input_shape = ((1, CLIP_TEXT_LENGTH), (1, 32, 32, 3))
+    shapes = jax.eval_shape(lambda rng: model.init_weights(rng, input_shape), jax.random.PRNGKey(0))
+    params = _random_params(shapes, seed)
+    name, source = "tiny-random-clip", f"random init, seed {seed}"
+    return CLIPTextTower(model, params, tokenizer, name, source), CLIPVideoTower(model, params, name, source)
 
 
 def _parse_spec(spec: str, kind: str):
