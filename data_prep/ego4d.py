@@ -37,7 +37,7 @@ import json
 import math
 import os
 import sys
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import tqdm
@@ -117,29 +117,50 @@ class EgoReport(common.Report):
     def as_dict(self) -> dict:
         return {**super().as_dict(), "kept_without_video": dict(sorted(self.without_video.items()))}
 
+    def summary(self) -> str:
+        lines = [f"  kept {n} x without video: {reason}" for reason, n in sorted(self.without_video.items())]
+        return "\n".join([super().summary()] + lines)
+
 
 def read_imu_csv(path: str) -> tuple[np.ndarray, np.ndarray]:
     """Reads an Ego4D-style IMU CSV into (times_s (N,) float64, imu (N, 6) float64), sorted by time.
 
     Columns are found by name (canonical_timestamp_ms, accl_x..z, gyro_x..z; others ignored).
     An empty value becomes NaN (windows that touch it are dropped later); rows with an empty
-    timestamp are removed since they cannot be placed in time.
+    timestamp are removed since they cannot be placed in time. Plain numeric files take numpy's
+    fast parser; a file with empty or bad cells is re-read row by row.
 
     Raises:
       ImuFileError: reason "missing imu" (no file), "bad columns" (a column is missing) or
-        "bad values" (a value is not a number), with a detail naming the file, line and column.
+        "bad values" (a value is not a number, or fewer than 2 timed rows), with a detail naming
+        the file, line and column.
     """
     if not os.path.isfile(path):
         raise ImuFileError("missing imu", f"{path}: IMU file not found")
+    wanted = (IMU_TIME_COLUMN,) + IMU_VALUE_COLUMNS
+    with open(path, newline="", encoding="utf-8") as f:
+        header = [name.strip() for name in next(csv.reader(f), [])]
+    missing = [name for name in wanted if name not in header]
+    if missing:
+        raise ImuFileError("bad columns", f"{path}: missing column(s) {', '.join(missing)} (found {header})")
+    columns = [header.index(name) for name in wanted]
+    try:
+        table = np.loadtxt(path, delimiter=",", skiprows=1, usecols=columns, ndmin=2, dtype=np.float64)
+    except ValueError:
+        table = _read_rows_with_blanks(path, wanted, columns)
+    table = table[np.isfinite(table[:, 0])]
+    if len(table) < 2:
+        raise ImuFileError("bad values", f"{path}: fewer than 2 rows with a {IMU_TIME_COLUMN}")
+    table = table[np.argsort(table[:, 0], kind="stable")]
+    return table[:, 0] / 1000.0, table[:, 1:]
+
+
+def _read_rows_with_blanks(path: str, wanted: Sequence[str], columns: Sequence[int]) -> np.ndarray:
+    """Row-by-row parse of the `columns` of a CSV: blank cells -> NaN, text -> ImuFileError."""
+    rows = []
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.reader(f)
-        header = [name.strip() for name in next(reader, [])]
-        wanted = (IMU_TIME_COLUMN,) + IMU_VALUE_COLUMNS
-        missing = [name for name in wanted if name not in header]
-        if missing:
-            raise ImuFileError("bad columns", f"{path}: missing column(s) {', '.join(missing)} (found {header})")
-        columns = [header.index(name) for name in wanted]
-        rows = []
+        next(reader)
         for line_number, row in enumerate(reader, start=2):
             values = []
             for name, column in zip(wanted, columns):
@@ -151,10 +172,7 @@ def read_imu_csv(path: str) -> tuple[np.ndarray, np.ndarray]:
                         "bad values", f"{path} line {line_number}: {name} is {cell!r}, not a number"
                     ) from None
             rows.append(values)
-    table = np.asarray(rows, dtype=np.float64).reshape(-1, len(wanted))
-    table = table[np.isfinite(table[:, 0])]
-    table = table[np.argsort(table[:, 0], kind="stable")]
-    return table[:, 0] / 1000.0, table[:, 1:]
+    return np.asarray(rows, dtype=np.float64).reshape(-1, len(wanted))
 
 
 def window_imu(
@@ -358,22 +376,30 @@ def settings_from_args(args: argparse.Namespace) -> WindowSettings:
                           require_video=args.require_video, frames_per_clip=args.frames_per_clip)
 
 
+def load_towers(text_spec: str, video_spec: str) -> dict:
+    """{"text_tower": ..., "video_tower": ...} for the specs; a tower that cannot load raises ValueError."""
+    try:
+        return {"text_tower": towers.load_text_tower(text_spec), "video_tower": towers.load_video_tower(video_spec)}
+    except OSError as error:
+        raise ValueError(f"cannot load the towers (text {text_spec!r}, video {video_spec!r}): {error}") from None
+
+
 def run_cli(args: argparse.Namespace, build_recordings: Callable[[], tuple[list[Recording], str]], source: str) -> int:
     """Loads the towers, writes the dataset and prints the report; returns the exit status.
 
-    Bad input (a missing or malformed annotation file, an unusable tower spec) and a run with no
-    usable window print one error sentence to stderr and return 1.
+    Bad input (a missing or malformed annotation file, a tower that cannot load, an existing
+    dataset without --overwrite) and a run with no usable window print one error sentence to
+    stderr and return 1.
     """
     try:
         recordings, input_description = build_recordings()
         report = write_dataset(
             recordings, args.out, source=source, input_description=input_description,
             settings=settings_from_args(args),
-            text_tower=towers.load_text_tower(args.text_tower or args.towers),
-            video_tower=towers.load_video_tower(args.video_tower or args.towers),
+            **load_towers(args.text_tower or args.towers, args.video_tower or args.towers),
             overwrite=args.overwrite,
         )
-    except (common.NothingUsable, ValueError, FileNotFoundError, FileExistsError) as error:
+    except (common.NothingUsable, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(report.summary())

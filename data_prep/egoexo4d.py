@@ -89,8 +89,6 @@ def read_vrs_imu(path: str) -> tuple[np.ndarray, np.ndarray]:
 def read_take_csv(path: str) -> tuple[np.ndarray, np.ndarray]:
     """An Ego4D-style IMU CSV (see `data_prep.ego4d.read_imu_csv`) with its first sample moved to 0 s."""
     times_s, imu = read_imu_csv(path)
-    if len(times_s) == 0:
-        raise ImuFileError("bad values", f"{path}: no IMU row with a timestamp")
     return times_s - times_s[0], imu
 
 
