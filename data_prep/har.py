@@ -129,7 +129,7 @@ def watch_source(heldout_subjects: Sequence[str] = DEFAULT_HELDOUT_WATCH_SUBJECT
     from seglearn.datasets import load_watch
 
     data = load_watch()
-    labels = [name for name in data["y_labels"]]
+    labels = list(data["y_labels"])
     if len(labels) != len(WATCH_ACTIVITIES):
         raise ValueError(f"seglearn load_watch: expected 7 classes, got {labels}.")
     subjects = [str(int(s)) for s in data["subject"]]
@@ -165,9 +165,6 @@ def basicmotions_source() -> HarSource:
         for split in ("train", "test"):
             x, y = load_basic_motions(split=split)
             for index, (series, label) in enumerate(zip(x, y)):
-                if label not in BASICMOTIONS_ACTIVITIES:
-                    report.drop("unknown label", f"BasicMotions {split} case {index}: label {label!r}")
-                    continue
                 yield Recording(
                     f"basicmotions-{split}-{index:02d}", np.asarray(series, np.float64).T, 10.0,
                     class_names.index(label), "", split,
@@ -297,7 +294,8 @@ def write_har_dataset(
     prompt_embeddings = None
     if text_tower is not None:
         flat = [prompt for name in source.class_names for prompt in prompts[name]]
-        prompt_embeddings = text_tower.embed(flat, progress=False).reshape(len(source.class_names), len(PROMPT_TEMPLATES), -1)
+        embeddings = text_tower.embed(flat, progress=False)
+        prompt_embeddings = embeddings.reshape(len(source.class_names), len(PROMPT_TEMPLATES), -1)
     report = common.Report(source.name)
     with DatasetWriter(
         out_dir,

@@ -170,7 +170,8 @@ def test_basicmotions_resampled_with_prompt_embeddings(tmp_path):
     report = har.write_har_dataset(har.basicmotions_source(), out, text_tower=text_tower)
     assert report.kept == {"train": 120, "test": 120} and not report.dropped  # 10 s at 50 Hz: 3 windows
     train = load_split(out, "train")
-    assert train["imu"].shape == (120, 250, 6) and train["class_names"] == ["standing", "walking", "running", "badminton"]
+    assert train["imu"].shape == (120, 250, 6)
+    assert train["class_names"] == ["standing", "walking", "running", "badminton"]
     x, y = load_basic_motions(split="train")
     expected = common.resample(x[0].T, 10, 50)[125:375]
     np.testing.assert_allclose(train["imu"][1], expected, atol=1e-5)
