@@ -1,0 +1,77 @@
+"""The paper's pretraining settings (SPEC §5), for a prepared Ego4D / Ego-Exo4D dataset.
+
+    python -m primus_jax.main --config configs/default.py --workdir DIR \
+        --config.data.dir=PREPARED_DATASET_DIR
+
+Every field can be overridden on the command line as `--config.a.b=value`.
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.mode = "pretrain"
+    config.seed = 0
+
+    # Prepared dataset (a data_prep output directory with manifest.json).
+    config.data = ml_collections.ConfigDict()
+    config.data.dir = ""
+    config.data.train_split = "train"
+    config.data.val_split = "val"  # "" disables validation
+    config.data.shuffle = True
+    config.data.prefetch = 2
+    config.data.skip_corrupt = False  # True: skip and count corrupt records instead of stopping
+
+    # Encoder (SPEC §1). The window length T and rate come from the dataset manifest.
+    config.model = ml_collections.ConfigDict()
+    config.model.hidden_dim = 512
+    config.model.conv_channels = 32
+    config.model.pooled_length = 32
+    config.model.ssl_dim = 512
+    config.model.mm_dim = 512  # must equal the dataset's text/video embedding dimension
+    config.model.gru_over = "channels"  # the reference's quirk; "time" is the time-major variant
+    config.model.dtype = "float32"  # compute dtype of activations: "float32" or "bfloat16"
+
+    # Objective (SPEC §2): alpha = ssl_coeff; each term can be switched off.
+    config.objective = ml_collections.ConfigDict()
+    config.objective.alpha = 0.5
+    config.objective.use_ss = True
+    config.objective.use_mm_text = True
+    config.objective.use_mm_video = True
+    config.objective.use_nn = True
+    config.objective.temperature_init = 0.1
+    config.objective.augmentations = ("scaling", "permute")  # what the reference actually runs
+    config.objective.nn_retrieve_by = "auto"  # video, then text, then IMU; "imu" forces IMU features
+
+    config.queue = ml_collections.ConfigDict()
+    config.queue.size = 8192
+
+    # Adam, lr 2e-4, no schedule, no clipping, no weight decay (SPEC §5).
+    config.optim = ml_collections.ConfigDict()
+    config.optim.learning_rate = 2e-4
+    config.optim.b1 = 0.9
+    config.optim.b2 = 0.999
+    config.optim.eps = 1e-8
+    config.optim.weight_decay = 0.0
+
+    config.train = ml_collections.ConfigDict()
+    # Reference: 16 per GPU on 4 GPUs with per-GPU negatives; we draw negatives from the global batch.
+    config.train.global_batch_size = 64
+    config.train.num_epochs = 15
+    config.train.num_steps = 0  # > 0 overrides num_epochs
+    config.train.log_every = 50
+    config.train.eval_every = 1000  # steps; validation also runs at the end
+    config.train.checkpoint_every = 1000
+    config.train.keep_checkpoints = 2
+    config.train.max_nonfinite_in_a_row = 20
+    config.train.export = True
+
+    # Multi-host: "auto" initialises jax.distributed when the environment describes a cluster
+    # (TPU pods, SLURM, or the coordinator fields below); "never" and "always" force it.
+    config.distributed = ml_collections.ConfigDict()
+    config.distributed.initialize = "auto"
+    config.distributed.coordinator_address = ""
+    config.distributed.num_processes = 0
+    config.distributed.process_id = -1
+    config.distributed.heartbeat_timeout_s = 100  # a process that loses a peer fails after this
+    return config

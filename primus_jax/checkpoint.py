@@ -1,0 +1,192 @@
+"""Orbax checkpoints of the whole train state, the exported encoder, and `load_encoder`.
+
+Layout of a workdir:
+
+    checkpoints/<step>/   latest train states (params, Adam, temperatures, NN queue, rng, step)
+                          plus the input iterator's position, as JSON
+    best/<step>/          the state with the lowest validation loss seen so far
+    export/               params.msgpack + encoder.json: what `load_encoder` reads
+
+Orbax writes every checkpoint to a temporary directory and renames it when complete, so an
+interrupted or failed save never damages the previous one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from primus_jax import models
+
+ENCODER_CONFIG_FILE = "encoder.json"
+PARAMS_FILE = "params.msgpack"
+EXPORT_FORMAT = "primus_jax.encoder/1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or does not fit the current configuration."""
+
+
+def _shape_mismatches(saved_tree, abstract_tree) -> list[str]:
+    """Paths whose saved shape differs from the one the current configuration builds."""
+    saved = {jax.tree_util.keystr(p): getattr(v, "shape", None)
+             for p, v in jax.tree_util.tree_leaves_with_path(saved_tree)}
+    problems = []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_tree):
+        key = jax.tree_util.keystr(path)
+        if key not in saved:
+            problems.append(f"{key} is missing")
+        elif saved[key] is not None and tuple(saved[key]) != tuple(leaf.shape):
+            problems.append(f"{key} has shape {tuple(saved[key])} in the checkpoint but {tuple(leaf.shape)} in this config")
+    return problems
+
+
+class Checkpointer:
+    """Latest-N checkpoints for resuming and the best-by-validation-loss one, in `workdir`."""
+
+    def __init__(self, workdir: str, keep: int = 2):
+        self.workdir = os.path.abspath(workdir)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+        self._latest = ocp.CheckpointManager(os.path.join(self.workdir, "checkpoints"), options=options)
+        best_options = ocp.CheckpointManagerOptions(
+            max_to_keep=1, create=True, enable_async_checkpointing=False,
+            best_fn=lambda metrics: metrics["val_loss"], best_mode="min",
+            keep_checkpoints_without_metrics=False,
+        )
+        self._best = ocp.CheckpointManager(os.path.join(self.workdir, "best"), options=best_options)
+        self._best_loss = self._read_best_loss()
+
+    def _read_best_loss(self) -> float:
+        step = self._best.best_step()
+        if step is None:
+            return float("inf")
+        return float(self._best.metrics(step)["val_loss"])
+
+    def latest_step(self) -> int | None:
+        return self._latest.latest_step()
+
+    def save(self, step: int, state, data_state: dict, val_loss: float | None = None) -> None:
+        """Save `state` and the iterator position as step `step`; also as best if val_loss improved.
+
+        An OSError (full disk, unwritable workdir) becomes a CheckpointError that says the previous
+        checkpoint is intact.
+        """
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
+        try:
+            if step not in self._latest.all_steps():
+                self._latest.save(step, args=args, force=True)
+                self._latest.wait_until_finished()
+            if val_loss is not None and np.isfinite(val_loss) and val_loss < self._best_loss:
+                self._best.save(step, args=args, metrics={"val_loss": float(val_loss)}, force=True)
+                self._best.wait_until_finished()
+                self._best_loss = float(val_loss)
+        except (OSError, ValueError) as err:
+            previous = [s for s in self._latest.all_steps() if s != step]
+            kept = f"the checkpoint of step {max(previous)} is intact" if previous else "no earlier checkpoint exists"
+            raise CheckpointError(f"could not write the checkpoint of step {step} under {self.workdir}: {err}; {kept}") from err
+
+    def restore_latest(self, abstract_state) -> tuple[Any, dict] | None:
+        """(state, data_state) of the latest checkpoint, or None if there is none.
+
+        `abstract_state` is a pytree of jax.ShapeDtypeStruct (with shardings) built from the current
+        config; a checkpoint written with other dimensions raises CheckpointError naming them.
+        """
+        step = self._latest.latest_step()
+        if step is None:
+            return None
+        saved = self._latest.item_metadata(step)
+        saved_state = saved["state"] if saved is not None and "state" in saved else None
+        if saved_state is not None:
+            problems = _shape_mismatches(saved_state, abstract_state)
+            if problems:
+                raise CheckpointError(
+                    f"the checkpoint of step {step} in {self._latest.directory} was written with a different "
+                    f"configuration: {'; '.join(problems[:3])}; use another --workdir or the original config")
+        restored = self._latest.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        return restored["state"], restored["data"]
+
+    def close(self) -> None:
+        self._latest.close()
+        self._best.close()
+
+
+def export_encoder(export_dir: str, encoder_params, model_config: dict, window_length: int, rate_hz: float) -> None:
+    """Write encoder params + encoder.json to export_dir, replacing an earlier export atomically."""
+    export_dir = os.path.abspath(export_dir)
+    tmp = export_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    host_params = jax.tree_util.tree_map(np.asarray, jax.device_get(encoder_params))
+    with open(os.path.join(tmp, PARAMS_FILE), "wb") as f:
+        f.write(flax.serialization.msgpack_serialize(host_params))
+    meta = {"format": EXPORT_FORMAT, "model": dict(model_config), "window_length": int(window_length),
+            "rate_hz": float(rate_hz), "channels": ["ax", "ay", "az", "gx", "gy", "gz"],
+            "units": "m/s^2 and rad/s", "feature": "mmcl"}
+    with open(os.path.join(tmp, ENCODER_CONFIG_FILE), "w") as f:
+        json.dump(meta, f, indent=2)
+    old = export_dir + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(export_dir):
+        os.replace(export_dir, old)
+    os.replace(tmp, export_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class EncoderFn:
+    """Maps float32 windows (N, T, 6) in SI units to (N, mm_dim) numpy features of the mmcl head."""
+
+    def __init__(self, model: models.IMUEncoder, params, window_length: int, rate_hz: float, batch_size: int):
+        self.model = model
+        self.params = params
+        self.window_length = window_length
+        self.rate_hz = rate_hz
+        self.batch_size = batch_size
+        self._apply = jax.jit(lambda p, x: model.apply({"params": p}, x)["mmcl"])
+
+    def __call__(self, windows) -> np.ndarray:
+        x = np.asarray(windows, np.float32)
+        if x.ndim != 3 or x.shape[1:] != (self.window_length, 6):
+            raise ValueError(
+                f"expected windows of shape (N, {self.window_length}, 6) at {self.rate_hz:g} Hz, got {x.shape}")
+        n = x.shape[0]
+        out = []
+        for start in range(0, n, self.batch_size):
+            chunk = x[start:start + self.batch_size]
+            pad = self.batch_size - chunk.shape[0] if n > self.batch_size else 0
+            if pad:  # keep one compiled shape for every chunk
+                chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], np.float32)])
+            feats = np.asarray(self._apply(self.params, chunk))
+            out.append(feats[:feats.shape[0] - pad])
+        if not out:
+            return np.zeros((0, self.model.mm_dim), np.float32)
+        return np.concatenate(out).astype(np.float32)
+
+
+def load_encoder(export_dir: str, batch_size: int = 256) -> EncoderFn:
+    """Load an exported encoder in one call: `features = load_encoder(dir)(windows)`."""
+    meta_path = os.path.join(export_dir, ENCODER_CONFIG_FILE)
+    if not os.path.exists(meta_path):
+        raise FileNotFoundError(f"{export_dir} is not an exported encoder: {ENCODER_CONFIG_FILE} is missing")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{meta_path}: unknown export format {meta.get('format')!r}, expected {EXPORT_FORMAT!r}")
+    model_cfg = dict(meta["model"])
+    model_cfg["dtype"] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[model_cfg.get("dtype", "float32")]
+    model = models.IMUEncoder(**model_cfg)
+    with open(os.path.join(export_dir, PARAMS_FILE), "rb") as f:
+        params = flax.serialization.msgpack_restore(f.read())
+    expected = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, meta["window_length"], 6)))["params"])
+    problems = _shape_mismatches(params, expected)
+    if problems:
+        raise ValueError(f"{export_dir}: params do not fit {ENCODER_CONFIG_FILE}: {'; '.join(problems[:3])}")
+    return EncoderFn(model, params, meta["window_length"], meta["rate_hz"], batch_size)

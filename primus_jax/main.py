@@ -1,0 +1,88 @@
+"""Entry point: `python -m primus_jax.main --config configs/X.py --workdir DIR [--config.a.b=v ...]`.
+
+`config.mode` picks the job: "pretrain" (default.py and ablations.py: pretrain on a prepared
+dataset, checkpoint, export) or "demo" (demo.py: prepare the bundled real data, pretrain PRIMUS and
+the baselines, evaluate, report). Configuration errors exit with one sentence and status 2.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/X.py)")
+_WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, logs, reports and the export")
+flags.mark_flags_as_required(["config", "workdir"])
+
+CLUSTER_ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+def _cluster_requested(dist) -> bool:
+    if dist.initialize == "never":
+        return False
+    if dist.initialize == "always" or dist.coordinator_address:
+        return True
+    if any(os.environ.get(v) for v in CLUSTER_ENV_VARS):
+        return True
+    return int(os.environ.get("SLURM_NTASKS", "1")) > 1
+
+
+def initialize_distributed(dist) -> None:
+    """Call jax.distributed.initialize when the config or the environment describes a cluster.
+
+    On CPU the cross-process collectives use gloo. A process that loses its peers fails after
+    `heartbeat_timeout_s` instead of hanging.
+    """
+    import jax
+
+    if not _cluster_requested(dist):
+        return
+    if (os.environ.get("JAX_PLATFORMS") or "cpu").startswith("cpu"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=dist.coordinator_address or None,
+        num_processes=dist.num_processes or None,
+        process_id=dist.process_id if dist.process_id >= 0 else None,
+        heartbeat_timeout_seconds=dist.heartbeat_timeout_s,
+    )
+
+
+def run(config, workdir: str) -> dict:
+    """Run the job `config.mode` names; returns its summary."""
+    mode = config.get("mode", "pretrain")
+    if mode == "pretrain":
+        from primus_jax import train
+
+        summary = train.train_and_evaluate(config, workdir)
+        summary.pop("state")
+        return summary
+    if mode == "demo":
+        from primus_jax import demo
+
+        return demo.run_demo(config, workdir)
+    raise ValueError(f"config.mode must be 'pretrain' or 'demo', got {mode!r}")
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.getLogger().setLevel(logging.INFO)
+    config = _CONFIG.value
+    from primus_jax import checkpoint, data, train
+
+    try:
+        initialize_distributed(config.distributed)
+        summary = run(config, _WORKDIR.value)
+    except (train.ConfigError, data.DataError, checkpoint.CheckpointError, train.TrainingError,
+            FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2 if isinstance(err, train.ConfigError) else 1)
+    if summary.get("preempted"):
+        print(f"preempted at step {summary['step']}: checkpoint saved in {_WORKDIR.value}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    app.run(main)

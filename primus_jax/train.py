@@ -1,0 +1,458 @@
+"""Train state, jitted train / validation steps over a device mesh, and the pretraining loop.
+
+Parallelism is plain data parallelism with `jax.jit` and `NamedSharding` on a 1-D mesh with axis
+'data' over every device of every process: the global batch (G, T, 6) is split along its first
+axis, while parameters, optimizer state, temperatures and the NN queue are replicated. Because the
+losses are written over the *global* batch, XLA inserts the collectives and contrastive negatives
+come from all G samples (the reference only saw its per-GPU 16). The same step therefore runs
+unchanged on one CPU, on N simulated CPU devices, on a GPU node and on a TPU slice.
+
+One step, for a global batch x of shape (G, T, 6):
+
+    x1 = aug(k, x)                                  (view1; view0 = x, unaugmented, SPEC §2.2)
+    out = encoder(concat[x, x1])                    (one call over 2G windows)
+    nb  = lookup(queue, ssl(x), text, video)        (nearest neighbours, SPEC §2.4)
+    L   = primus_objective(out[:G], out[G:], targets, nb, tau)
+    params, opt = adam(grad L)                       (skipped if L or a gradient is not finite)
+    queue = enqueue(queue, ssl(x), text, video)
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from primus_jax import augment, data, losses, models, queue as nn_queue
+
+log = logging.getLogger(__name__)
+
+EVAL_KEY_INDEX = 0xFFFFFFFF  # fold_in index of the validation key; training steps never reach it
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class TrainState(flax.struct.PyTreeNode):
+    """Everything a resumed run needs, as one pytree.
+
+    params: {"encoder": IMUEncoder params, "temperature": {"log_mm", "log_ss"}}
+    opt_state: optax state of Adam over all of params.
+    queue: the NN ring buffers (`queue.NNQueue`).
+    rng: base PRNG key (uint32[2]); step t uses fold_in(rng, t), so resuming replays the same keys.
+    step: int32 scalar, number of updates attempted.
+    nonfinite_streak / nonfinite_total: int32 counters of skipped non-finite updates.
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    queue: nn_queue.NNQueue
+    rng: jax.Array
+    nonfinite_streak: jax.Array
+    nonfinite_total: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class DataDims:
+    """Shapes that come from the dataset manifest rather than from the config."""
+
+    window_length: int
+    rate_hz: float
+    text_dim: int
+    video_dim: int
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> "DataDims":
+        return cls(
+            window_length=int(manifest["T"]),
+            rate_hz=float(manifest["rate_hz"]),
+            text_dim=int(manifest["text_dim"]),
+            video_dim=int(manifest["video_dim"]),
+        )
+
+
+def build_model(model_config: ml_collections.ConfigDict) -> models.IMUEncoder:
+    """The encoder described by `config.model`."""
+    return models.IMUEncoder(
+        hidden_dim=model_config.hidden_dim,
+        conv_channels=model_config.conv_channels,
+        pooled_length=model_config.pooled_length,
+        ssl_dim=model_config.ssl_dim,
+        mm_dim=model_config.mm_dim,
+        gru_over=model_config.gru_over,
+        dtype=DTYPES[model_config.dtype],
+    )
+
+
+def objective_config(config: ml_collections.ConfigDict, dims: DataDims) -> losses.ObjectiveConfig:
+    """The objective's switches; a modality the dataset lacks is switched off."""
+    obj = config.objective
+    return losses.ObjectiveConfig(
+        alpha=obj.alpha,
+        use_ss=obj.use_ss,
+        use_mm_text=obj.use_mm_text and dims.text_dim > 0,
+        use_mm_video=obj.use_mm_video and dims.video_dim > 0,
+        use_nn=obj.use_nn,
+    )
+
+
+def make_optimizer(optim_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Adam (or AdamW when weight_decay > 0) over encoder weights and both temperatures."""
+    if optim_config.weight_decay > 0:
+        return optax.adamw(
+            optim_config.learning_rate, optim_config.b1, optim_config.b2, optim_config.eps,
+            weight_decay=optim_config.weight_decay,
+        )
+    return optax.adam(optim_config.learning_rate, optim_config.b1, optim_config.b2, optim_config.eps)
+
+
+def create_train_state(config: ml_collections.ConfigDict, dims: DataDims) -> TrainState:
+    """A fresh state: initialised encoder, temperatures at config.objective.temperature_init, empty queue."""
+    model = build_model(config.model)
+    rng = jax.random.PRNGKey(config.seed)
+    init_key, base_key = jax.random.split(rng)
+    dummy = jnp.zeros((1, dims.window_length, 6), jnp.float32)
+    params = {
+        "encoder": model.init(init_key, dummy)["params"],
+        "temperature": losses.init_temperature_params(config.objective.temperature_init),
+    }
+    tx = make_optimizer(config.optim)
+    mm_dim = config.model.mm_dim
+    queue = nn_queue.init_queue(
+        size=config.queue.size,
+        imu_dim=config.model.ssl_dim,
+        text_dim=mm_dim,
+        video_dim=mm_dim,
+    )
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(
+        step=zero, params=params, opt_state=tx.init(params), queue=queue, rng=base_key,
+        nonfinite_streak=zero, nonfinite_total=zero,
+    )
+
+
+def make_mesh(devices=None) -> Mesh:
+    """A 1-D mesh with axis 'data' over `devices` (default: every device of every process)."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), ("data",))
+
+
+def _targets(batch: dict) -> dict:
+    return {k: batch[k] for k in ("text_emb", "has_text", "video_emb", "has_video")}
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]
+    return jnp.all(jnp.stack(leaves))
+
+
+def make_steps(config: ml_collections.ConfigDict, dims: DataDims, mesh: Mesh):
+    """Jitted `train_step(state, batch) -> (state, metrics)` and `eval_step(state, batch) -> metrics`.
+
+    Both take the *global* batch sharded along 'data'; the state is replicated and donated.
+    """
+    model = build_model(config.model)
+    tx = make_optimizer(config.optim)
+    augment_fn = augment.make_augmentation(tuple(config.objective.augmentations))
+    obj_cfg = objective_config(config, dims)
+    retrieve_by = config.objective.nn_retrieve_by
+
+    def forward_and_loss(params, state_queue, batch, aug_key):
+        x0 = batch["imu"]
+        x1 = augment_fn(aug_key, x0)
+        out = model.apply({"params": params["encoder"]}, jnp.concatenate([x0, x1], axis=0))
+        g = x0.shape[0]
+        view0 = {k: v[:g] for k, v in out.items()}
+        view1 = {k: v[g:] for k, v in out.items()}
+        ssl0 = jax.lax.stop_gradient(view0["ssl"])
+        neighbours = None
+        if obj_cfg.use_nn:
+            neighbours = nn_queue.lookup(
+                state_queue, ssl0, batch["text_emb"], batch["video_emb"],
+                batch["has_text"], batch["has_video"], retrieve_by=retrieve_by,
+            )
+        temps = losses.temperatures(params["temperature"])
+        loss, metrics = losses.primus_objective(view0, view1, _targets(batch), neighbours, temps, obj_cfg)
+        return loss, (metrics, ssl0)
+
+    def train_step(state: TrainState, batch: dict):
+        aug_key = jax.random.fold_in(state.rng, state.step)
+        (loss, (metrics, ssl0)), grads = jax.value_and_grad(forward_and_loss, has_aux=True)(
+            state.params, state.queue, batch, aug_key)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        queue = state.queue
+        if obj_cfg.use_nn:
+            queue = nn_queue.enqueue(
+                queue, ssl0, batch["text_emb"], batch["video_emb"], batch["has_text"], batch["has_video"])
+        finite = jnp.isfinite(loss) & _all_finite(grads)
+        keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            queue=keep(queue, state.queue),
+            nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
+            nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
+        )
+        metrics = dict(metrics, skipped=(~finite).astype(jnp.float32))
+        return new_state, metrics
+
+    def eval_step(state: TrainState, batch: dict):
+        # Deterministic: one fixed augmentation key, queue read but never written.
+        aug_key = jax.random.fold_in(state.rng, EVAL_KEY_INDEX)
+        _, (metrics, _) = forward_and_loss(state.params, state.queue, batch, aug_key)
+        return metrics
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    sharded = NamedSharding(mesh, PartitionSpec("data"))
+    train_step = jax.jit(
+        train_step, in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
+        donate_argnums=(0,),
+    )
+    eval_step = jax.jit(eval_step, in_shardings=(replicated, sharded), out_shardings=replicated)
+    return train_step, eval_step
+
+
+def prepare_batch(local_batch: dict, dims: DataDims, mm_dim: int, mesh: Mesh) -> dict:
+    """This process's numpy batch -> global jax arrays sharded along 'data'.
+
+    A modality the dataset lacks (dimension 0) becomes zeros of width mm_dim, flagged absent, so the
+    step has one shape whatever the dataset.
+    """
+    b = local_batch["imu"].shape[0]
+    out = {"imu": local_batch["imu"].astype(np.float32)}
+    for name, dim in (("text", dims.text_dim), ("video", dims.video_dim)):
+        if dim == 0:
+            out[f"{name}_emb"] = np.zeros((b, mm_dim), np.float32)
+            out[f"has_{name}"] = np.zeros((b,), bool)
+        else:
+            out[f"{name}_emb"] = local_batch[f"{name}_emb"].astype(np.float32)
+            out[f"has_{name}"] = local_batch[f"has_{name}"].astype(bool)
+    sharding = NamedSharding(mesh, PartitionSpec("data"))
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in out.items()}
+
+
+def replicate(tree, mesh: Mesh):
+    """Place a pytree on every device of the mesh (identical on every process).
+
+    Every leaf gets its own buffer (equal constants may share one), because the train step
+    donates the state.
+    """
+    host = jax.tree_util.tree_map(lambda x: np.array(x, copy=True), jax.device_get(tree))
+    return jax.device_put(host, NamedSharding(mesh, PartitionSpec()))
+
+
+def validate_config(config: ml_collections.ConfigDict, dims: DataDims, num_devices: int) -> None:
+    """One clear sentence for each configuration error, before anything compiles."""
+    problems = []
+    g = config.train.global_batch_size
+    if g <= 0:
+        problems.append(f"train.global_batch_size must be positive, got {g}")
+    elif g % num_devices:
+        problems.append(
+            f"train.global_batch_size={g} is not divisible by the {num_devices} devices; "
+            f"use a multiple of {num_devices}")
+    if not 0.0 <= config.objective.alpha <= 1.0:
+        problems.append(f"objective.alpha must lie in [0, 1], got {config.objective.alpha}")
+    if config.objective.temperature_init <= 0:
+        problems.append(f"objective.temperature_init must be positive, got {config.objective.temperature_init}")
+    if config.model.dtype not in DTYPES:
+        problems.append(f"model.dtype must be one of {sorted(DTYPES)}, got {config.model.dtype!r}")
+    if config.model.gru_over not in ("channels", "time"):
+        problems.append(f"model.gru_over must be 'channels' or 'time', got {config.model.gru_over!r}")
+    if config.objective.nn_retrieve_by not in ("auto", "imu"):
+        problems.append(f"objective.nn_retrieve_by must be 'auto' or 'imu', got {config.objective.nn_retrieve_by!r}")
+    unknown = [n for n in config.objective.augmentations if n not in augment.TRANSFORMS]
+    if unknown:
+        problems.append(f"objective.augmentations has unknown transforms {unknown}; valid: {sorted(augment.TRANSFORMS)}")
+    if config.queue.size < g and config.objective.use_nn:
+        problems.append(f"queue.size={config.queue.size} must be at least train.global_batch_size={g}")
+    if config.optim.learning_rate <= 0:
+        problems.append(f"optim.learning_rate must be positive, got {config.optim.learning_rate}")
+    min_t = models.min_input_length()
+    if dims.window_length < min_t:
+        problems.append(
+            f"the dataset's windows have T={dims.window_length} samples, but the encoder needs at least {min_t}")
+    for name, dim in (("text", dims.text_dim), ("video", dims.video_dim)):
+        if dim and dim != config.model.mm_dim:
+            problems.append(
+                f"model.mm_dim={config.model.mm_dim} must equal the dataset's {name} embedding dimension {dim}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run, described in one sentence."""
+
+
+class TrainingError(RuntimeError):
+    """Training stopped for a stated reason (e.g. repeated non-finite losses)."""
+
+
+class MetricsLog:
+    """metrics.jsonl and TensorBoard scalars in the workdir (written by process 0 only)."""
+
+    def __init__(self, workdir: str):
+        self.enabled = jax.process_index() == 0
+        if not self.enabled:
+            return
+        from tensorboardX import SummaryWriter
+
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, split: str, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), "split": split, **{k: float(v) for k, v in metrics.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        for k, v in metrics.items():
+            self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._tb.close()
+
+
+class _StopSignal:
+    """Turns SIGTERM (preemption) into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        log.warning("SIGTERM received: saving a checkpoint and exiting")
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def evaluate_loss(eval_step, state, config, dims: DataDims, mesh: Mesh) -> dict | None:
+    """Mean validation metrics over the whole val split (deterministic), or None without a val split."""
+    split = config.data.val_split
+    if not split:
+        return None
+    iterator = data.BatchIterator(
+        config.data.dir, split, config.train.global_batch_size, shuffle=False, num_epochs=1,
+        drop_remainder=True, prefetch=config.data.prefetch, skip_corrupt=config.data.skip_corrupt)
+    totals, count = {}, 0
+    try:
+        for local in iterator:
+            metrics = jax.device_get(eval_step(state, prepare_batch(local, dims, config.model.mm_dim, mesh)))
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+            count += 1
+    finally:
+        iterator.close()
+    if count == 0:
+        log.warning("validation split %r has fewer records than one global batch; skipping validation", split)
+        return None
+    return {k: v / count for k, v in totals.items()}
+
+
+def abstract_state(state, mesh: Mesh):
+    """ShapeDtypeStructs (replicated on the mesh) of a state, for Orbax restore."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Pretrain from config.data.dir into workdir; resumes from the latest checkpoint there.
+
+    Returns a summary dict: final step, last train metrics, last validation metrics, whether the run
+    was preempted, and the number of skipped (non-finite) updates.
+    """
+    from tqdm import tqdm
+
+    from primus_jax import checkpoint as ckpt
+
+    os.makedirs(workdir, exist_ok=True)
+    manifest = data.read_manifest(config.data.dir)
+    dims = DataDims.from_manifest(manifest)
+    mesh = make_mesh()
+    validate_config(config, dims, mesh.size)
+
+    iterator = data.BatchIterator(
+        config.data.dir, config.data.train_split, config.train.global_batch_size, seed=config.seed,
+        shuffle=config.data.shuffle, prefetch=config.data.prefetch, skip_corrupt=config.data.skip_corrupt)
+    num_steps = config.train.num_steps or config.train.num_epochs * iterator.steps_per_epoch
+    if num_steps <= 0:
+        raise ConfigError(
+            f"split {config.data.train_split!r} of {config.data.dir} has fewer records than one global batch "
+            f"of {config.train.global_batch_size}")
+
+    state = replicate(create_train_state(config, dims), mesh)
+    checkpointer = ckpt.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+    restored = checkpointer.restore_latest(abstract_state(state, mesh))
+    if restored is not None:
+        state, data_state = restored
+        iterator.set_state(data_state)
+        log.info("resumed from step %d in %s", int(state.step), workdir)
+    train_step, eval_step = make_steps(config, dims, mesh)
+    metrics_log = MetricsLog(workdir)
+    stop = _StopSignal()
+    step = int(state.step)
+    last_train, last_val, preempted = {}, None, False
+    progress = tqdm(total=num_steps, initial=step, desc="pretrain", unit="step",
+                    disable=jax.process_index() != 0, dynamic_ncols=True)
+    window_start, window_steps = time.perf_counter(), 0
+    try:
+        while step < num_steps:
+            batch = prepare_batch(next(iterator), dims, config.model.mm_dim, mesh)
+            state, metrics = train_step(state, batch)
+            step += 1
+            window_steps += 1
+            progress.update(1)
+            if step % config.train.log_every == 0 or step == num_steps:
+                last_train = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                elapsed = time.perf_counter() - window_start
+                last_train["samples_per_s"] = window_steps * config.train.global_batch_size / max(elapsed, 1e-9)
+                window_start, window_steps = time.perf_counter(), 0
+                metrics_log.write(step, "train", last_train)
+                progress.set_postfix(loss=f"{last_train['loss']:.3f}", samples_s=f"{last_train['samples_per_s']:.0f}")
+                streak = int(state.nonfinite_streak)
+                if streak >= config.train.max_nonfinite_in_a_row:
+                    latest = checkpointer.latest_step()
+                    raise TrainingError(
+                        f"{streak} non-finite losses in a row up to step {step}: stopping; the last good "
+                        f"checkpoint ({'step ' + str(latest) if latest is not None else 'none yet'}) in {workdir} is intact")
+            val_now = step % config.train.eval_every == 0 or step == num_steps
+            if val_now:
+                last_val = evaluate_loss(eval_step, state, config, dims, mesh)
+                if last_val is not None:
+                    metrics_log.write(step, "val", last_val)
+            if stop.requested or val_now or step % config.train.checkpoint_every == 0:
+                checkpointer.save(step, state, iterator.get_state(),
+                                  val_loss=last_val["loss"] if (val_now and last_val) else None)
+            if stop.requested:
+                preempted = True
+                break
+        if not preempted and config.train.export and jax.process_index() == 0:
+            ckpt.export_encoder(
+                os.path.join(workdir, "export"), state.params["encoder"], config.model.to_dict(),
+                dims.window_length, dims.rate_hz)
+    finally:
+        progress.close()
+        stop.restore()
+        iterator.close()
+        metrics_log.close()
+        checkpointer.close()
+    return {"step": step, "train": last_train, "val": last_val, "preempted": preempted,
+            "skipped_updates": int(state.nonfinite_total), "state": state}
