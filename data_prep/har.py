@@ -9,10 +9,14 @@ resampled to --target-rate (default 50 Hz) and cut into windows of --T samples (
 every --hop samples (default T/2); the tail shorter than a window is left out, and a recording
 shorter than one window is dropped with the reason "shorter than window" in report.json.
 
-Each window carries its class index, and as text one of five prompts for its class
-("a person walking", "someone walking", ...), taken in turn window by window; the text tower (default
-MiniLM, "none" for no embeddings) embeds the prompts once. The manifest's "prompts" field holds
-{class name: [5 prompts]} for zero-shot evaluation. No video (video_dim = 0).
+Each window carries its class index and, as its weak narration, its activity: the text is the
+first prompt of its class ("a person walking") and text_emb is the class prototype, the
+L2-normalised mean of the embeddings of the class's five prompts ("a person walking",
+"someone walking", ...). Every window of a class therefore has the same target: per-window
+prompt variants would be arbitrary labels that the MM loss can only fit by memorising windows.
+The text tower (default MiniLM, "none" for no embeddings) embeds the prompts once. The
+manifest's "prompts" field holds {class name: [5 prompts]} for zero-shot evaluation. No video
+(video_dim = 0).
 
 Sources:
 - watch: seglearn's smartwatch shoulder-physiotherapy data (Burns et al. 2018, SPAR): Apple
@@ -291,11 +295,12 @@ def write_har_dataset(
     """
     hop = T // 2 if hop is None else hop
     prompts = {name: class_prompts(activity) for name, activity in zip(source.class_names, source.activities)}
-    prompt_embeddings = None
+    class_embeddings = None
     if text_tower is not None:
         flat = [prompt for name in source.class_names for prompt in prompts[name]]
         embeddings = text_tower.embed(flat, progress=False)
-        prompt_embeddings = embeddings.reshape(len(source.class_names), len(PROMPT_TEMPLATES), -1)
+        prototypes = embeddings.reshape(len(source.class_names), len(PROMPT_TEMPLATES), -1).mean(axis=1)
+        class_embeddings = prototypes / np.linalg.norm(prototypes, axis=1, keepdims=True)
     report = common.Report(source.name)
     with DatasetWriter(
         out_dir,
@@ -323,15 +328,14 @@ def write_har_dataset(
                     "shorter than window", f"{recording.recording_id}: {len(imu)} samples at {rate_hz} Hz < T={T}"
                 )
                 continue
-            for k, start in enumerate(starts):
-                prompt = k % len(PROMPT_TEMPLATES)
+            for start in starts:
                 writer.add(
                     recording.split,
                     Window(
                         imu=imu[start : start + T],
                         rate_hz=rate_hz,
-                        text=prompts[source.class_names[recording.label]][prompt],
-                        text_emb=None if prompt_embeddings is None else prompt_embeddings[recording.label, prompt],
+                        text=prompts[source.class_names[recording.label]][0],
+                        text_emb=None if class_embeddings is None else class_embeddings[recording.label],
                         label=recording.label,
                         source=source.name,
                         recording_id=recording.recording_id,
