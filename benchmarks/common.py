@@ -1,0 +1,98 @@
+"""Shared pieces of the benchmarks: command-line device setup, timing, the matmul reference, output.
+
+Every benchmark prints human-readable lines and, last, one JSON object (`print_result`), so that a
+script can read the numbers with `json.loads(output.splitlines()[-1])`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Callable
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """--host-devices N: split the CPU into N XLA devices (must be applied before jax is imported)."""
+    parser.add_argument(
+        "--host-devices", type=int, default=0,
+        help="simulate this many CPU devices (sets --xla_force_host_platform_device_count); 0 keeps the default")
+
+
+def apply_device_arguments(args: argparse.Namespace) -> None:
+    """Sets XLA_FLAGS for --host-devices; call before the first `import jax`."""
+    if args.host_devices < 0:
+        raise ValueError(f"--host-devices must be 0 (default) or positive, got {args.host_devices}")
+    if args.host_devices:
+        flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+                 if not f.startswith("--xla_force_host_platform_device_count")]
+        flags.append(f"--xla_force_host_platform_device_count={args.host_devices}")
+        os.environ["XLA_FLAGS"] = " ".join(flags)
+
+
+def machine_description() -> dict:
+    """CPU model, logical cores, 1-minute load average and the jax backend, for the results table."""
+    import jax
+
+    model = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    devices = jax.devices()
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "load_avg_1min": round(os.getloadavg()[0], 2),
+        "backend": jax.default_backend(),
+        "device_kind": devices[0].device_kind,
+    }
+
+
+def time_calls(call: Callable[[], object], repeats: int) -> list[float]:
+    """Wall-clock seconds of each of `repeats` calls; `call` must block until its work is done."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def matmul_gflops(mesh, size: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of a float32 (size x size) @ (size x size) matmul on every device of `mesh`.
+
+    The left operand is split by rows along the mesh axis 'data' and the right one replicated, so
+    each device multiplies its (size / n, size) block: 2 size^3 FLOPs in all per call. The best
+    of `repeats` timed calls after one warm-up call gives the rate (the machine's attainable peak
+    for a large, regular float32 GEMM, the reference for the train step).
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    if size % mesh.size:
+        raise ValueError(f"matmul size {size} must be divisible by the {mesh.size} devices")
+    rng = np.random.default_rng(0)
+    a = jax.device_put(rng.standard_normal((size, size), np.float32), NamedSharding(mesh, PartitionSpec("data")))
+    b = jax.device_put(rng.standard_normal((size, size), np.float32), NamedSharding(mesh, PartitionSpec()))
+    matmul = jax.jit(lambda x, y: jnp.dot(x, y, precision=jax.lax.Precision.HIGHEST))
+    matmul(a, b).block_until_ready()
+    best = min(time_calls(lambda: matmul(a, b).block_until_ready(), repeats))
+    return 2.0 * size**3 / best / 1e9
+
+
+def print_result(result: dict) -> None:
+    """The final line of every benchmark: one JSON object."""
+    print(json.dumps(result, sort_keys=True), flush=True)
