@@ -1,6 +1,6 @@
 """Shared pieces of the benchmarks: command-line device setup, timing, the matmul reference, output.
 
-Every benchmark prints human-readable lines and, last, one JSON object (`print_result`), so that a
+Every benchmark prints human-readable lines and, last, one JSON object (`run_cli`), so that a
 script can read the numbers with `json.loads(output.splitlines()[-1])`.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ import argparse
 import json
 import os
 import platform
-import statistics
+import sys
 import time
 from typing import Callable
 
@@ -65,10 +65,6 @@ def time_calls(call: Callable[[], object], repeats: int) -> list[float]:
     return times
 
 
-def median(values: list[float]) -> float:
-    return statistics.median(values)
-
-
 def matmul_gflops(mesh, size: int = 2048, repeats: int = 5) -> float:
     """GFLOP/s of a float32 (size x size) @ (size x size) matmul on every device of `mesh`.
 
@@ -93,6 +89,22 @@ def matmul_gflops(mesh, size: int = 2048, repeats: int = 5) -> float:
     return 2.0 * size**3 / best / 1e9
 
 
-def print_result(result: dict) -> None:
-    """The final line of every benchmark: one JSON object."""
+def run_cli(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], dict],
+            summary: Callable[[dict], list[str]], argv=None) -> int:
+    """Parses argv, runs the benchmark, prints its summary lines and then the JSON line; 0 on success.
+
+    A ValueError from `run` (bad arguments) prints one error sentence and returns 1.
+    """
+    args = parser.parse_args(argv)
+    try:
+        if hasattr(args, "host_devices"):
+            apply_device_arguments(args)
+        result = run(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"machine: {result['cpu']}, {result['cores']} cores, load {result['load_avg_1min']}")
+    for line in summary(result):
+        print(line)
     print(json.dumps(result, sort_keys=True), flush=True)
+    return 0

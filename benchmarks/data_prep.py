@@ -117,27 +117,23 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
+def summary(result: dict) -> list[str]:
+    rows = result["rows"]
+    lines = [f"{'N':>6} {'windows':>8} {'windows/s':>10} {'peak RSS MB':>12} {'after imports MB':>17}"]
+    lines += [f"{row['recordings']:>6} {row['windows']:>8} {row['windows_per_s']:>10.1f} "
+              f"{row['peak_rss_mb']:>12.1f} {row['rss_after_imports_mb']:>17.1f}" for row in rows]
+    lines.append(f"peak RSS growth from N={rows[0]['recordings']} to N={rows[-1]['recordings']}: "
+                 f"{result['peak_rss_growth_mb']:+.1f} MB")
+    return lines
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == CHILD_FLAG:
         csv_dir, labels, rate, out_dir = argv[1:5]
         print(json.dumps(measure_one(csv_dir, labels, float(rate), out_dir)))
         return 0
-    args = build_parser().parse_args(argv)
-    try:
-        result = run(args)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(f"machine: {result['cpu']}, {result['cores']} cores, load {result['load_avg_1min']}")
-    print(f"{'N':>6} {'windows':>8} {'windows/s':>10} {'peak RSS MB':>12} {'after imports MB':>17}")
-    for row in result["rows"]:
-        print(f"{row['recordings']:>6} {row['windows']:>8} {row['windows_per_s']:>10.1f} "
-              f"{row['peak_rss_mb']:>12.1f} {row['rss_after_imports_mb']:>17.1f}")
-    print(f"peak RSS growth from N={result['rows'][0]['recordings']} to N={result['rows'][-1]['recordings']}: "
-          f"{result['peak_rss_growth_mb']:+.1f} MB")
-    common.print_result(result)
-    return 0
+    return common.run_cli(build_parser(), run, summary, argv)
 
 
 if __name__ == "__main__":

@@ -120,22 +120,18 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
+def summary(result: dict) -> list[str]:
+    return [
+        f"write: {result['write_records_per_s']:.0f} records/s ({result['records']} records)",
+        f"read to {result['devices']} device(s): {result['records_per_s']:.0f} records/s, "
+        f"{result['batches_per_s']:.1f} batches/s of {result['batch_size']}",
+        f"train step ({result['step_rate_source']}): {result['step_samples_per_s']:.1f} samples/s; "
+        f"pipeline / step = {result['ratio_to_step']:.1f}x",
+    ]
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    common.apply_device_arguments(args)
-    try:
-        result = run(args)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(f"machine: {result['cpu']}, {result['cores']} cores, load {result['load_avg_1min']}")
-    print(f"write: {result['write_records_per_s']:.0f} records/s ({result['records']} records)")
-    print(f"read to {result['devices']} device(s): {result['records_per_s']:.0f} records/s, "
-          f"{result['batches_per_s']:.1f} batches/s of {result['batch_size']}")
-    print(f"train step ({result['step_rate_source']}): {result['step_samples_per_s']:.1f} samples/s; "
-          f"pipeline / step = {result['ratio_to_step']:.1f}x")
-    common.print_result(result)
-    return 0
+    return common.run_cli(build_parser(), run, summary, argv)
 
 
 if __name__ == "__main__":

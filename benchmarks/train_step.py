@@ -144,24 +144,21 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
+def summary(result: dict) -> list[str]:
+    return [
+        f"devices: {result['devices']} x {result['device_kind']}",
+        f"compile: {result['compile_s']:.2f} s",
+        f"step: {result['step_ms']:.1f} ms at B={result['batch_size']} ({result['compute_dtype']}), "
+        f"{result['samples_per_s']:.1f} samples/s",
+        f"step FLOPs (XLA cost analysis): {result['step_gflop']:.3f} GFLOP; "
+        f"achieved {result['gflops_per_s']:.2f} GFLOP/s",
+        f"float32 matmul {result['matmul_size']}^2: {result['matmul_gflops_per_s']:.2f} GFLOP/s; "
+        f"ratio {result['matmul_ratio']:.3f}",
+    ]
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    common.apply_device_arguments(args)
-    try:
-        result = run(args)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(f"devices: {result['devices']} x {result['device_kind']} ({result['cpu']}, {result['cores']} cores, "
-          f"load {result['load_avg_1min']})")
-    print(f"compile: {result['compile_s']:.2f} s")
-    print(f"step: {result['step_ms']:.1f} ms at B={result['batch_size']} ({result['compute_dtype']}), "
-          f"{result['samples_per_s']:.1f} samples/s")
-    print(f"step FLOPs (XLA cost analysis): {result['step_gflop']:.3f} GFLOP; achieved {result['gflops_per_s']:.2f} GFLOP/s")
-    print(f"float32 matmul {result['matmul_size']}^2: {result['matmul_gflops_per_s']:.2f} GFLOP/s; "
-          f"ratio {result['matmul_ratio']:.3f}")
-    common.print_result(result)
-    return 0
+    return common.run_cli(build_parser(), run, summary, argv)
 
 
 if __name__ == "__main__":
