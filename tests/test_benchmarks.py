@@ -3,10 +3,11 @@
 No timing is asserted; only that the reported numbers exist, are consistent and positive.
 """
 import json
+import sys
 
 import pytest
 
-from benchmarks import data_prep, input_pipeline, train_step
+from benchmarks import data_prep, input_pipeline, peak_memory, train_step
 
 
 def final_json(capsys) -> dict:
@@ -56,3 +57,14 @@ def test_data_prep_benchmark_measures_each_n_in_its_own_process(capsys):
 def test_data_prep_benchmark_rejects_recordings_shorter_than_a_window(capsys):
     assert data_prep.main(["--recordings", "1", "--seconds", "2"]) == 1
     assert "shorter than one 5 s window" in capsys.readouterr().err
+
+
+def test_peak_memory_sees_a_child_that_holds_80_mb(capsys):
+    code = peak_memory.main(["--", sys.executable, "-c", "block = bytearray(80 * 2**20); block[::4096] = b'x' * 20480"])
+    assert code == 0
+    assert final_json(capsys)["peak_rss_mb"] >= 80
+
+
+def test_peak_memory_reports_a_failing_command(capsys):
+    assert peak_memory.main(["--", sys.executable, "-c", "raise SystemExit(3)"]) == 1
+    assert "exited with status 3" in capsys.readouterr().err
