@@ -34,13 +34,19 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be written or does not fit the current configuration."""
 
 
+def _leaf_name(path) -> str:
+    """'params/encoder/Dense_0/kernel' for a key path, whether its nodes are dicts, dataclass fields
+    or sequences (Orbax metadata stores every node as a dict, the live state has dataclasses)."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
 def _shape_mismatches(saved_tree, abstract_tree) -> list[str]:
     """Paths whose saved shape differs from the one the current configuration builds."""
-    saved = {jax.tree_util.keystr(p): getattr(v, "shape", None)
+    saved = {_leaf_name(p): getattr(v, "shape", None)
              for p, v in jax.tree_util.tree_leaves_with_path(saved_tree)}
     problems = []
     for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_tree):
-        key = jax.tree_util.keystr(path)
+        key = _leaf_name(path)
         if key not in saved:
             problems.append(f"{key} is missing")
         elif saved[key] is not None and tuple(saved[key]) != tuple(leaf.shape):
@@ -54,7 +60,10 @@ class Checkpointer:
     def __init__(self, workdir: str, keep: int = 2):
         self.workdir = os.path.abspath(workdir)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
-        self._latest = ocp.CheckpointManager(os.path.join(self.workdir, "checkpoints"), options=options)
+        # Named handlers let item_metadata read the saved shapes before a restore is attempted.
+        handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+        self._latest = ocp.CheckpointManager(
+            os.path.join(self.workdir, "checkpoints"), options=options, item_handlers=handlers)
         best_options = ocp.CheckpointManagerOptions(
             max_to_keep=1, create=True, enable_async_checkpointing=False,
             best_fn=lambda metrics: metrics["val_loss"], best_mode="min",
@@ -140,16 +149,27 @@ def export_encoder(export_dir: str, encoder_params, model_config: dict, window_l
     shutil.rmtree(old, ignore_errors=True)
 
 
-class EncoderFn:
-    """Maps float32 windows (N, T, 6) in SI units to (N, mm_dim) numpy features of the mmcl head."""
+FEATURE_HEADS = ("mmcl", "ssl", "emb")
 
-    def __init__(self, model: models.IMUEncoder, params, window_length: int, rate_hz: float, batch_size: int):
+
+class EncoderFn:
+    """Maps float32 windows (N, T, 6) in SI units to (N, D) numpy features of one head.
+
+    head "mmcl" (default, D = mm_dim): the text/video-aligned space, the reference's downstream
+    feature; "ssl" (D = ssl_dim): the augmentation-invariant head; "emb" (D = hidden_dim): the GRU state.
+    """
+
+    def __init__(self, model: models.IMUEncoder, params, window_length: int, rate_hz: float, batch_size: int,
+                 head: str = "mmcl"):
+        if head not in FEATURE_HEADS:
+            raise ValueError(f"head must be one of {FEATURE_HEADS}, got {head!r}")
+        self.head = head
         self.model = model
         self.params = params
         self.window_length = window_length
         self.rate_hz = rate_hz
         self.batch_size = batch_size
-        self._apply = jax.jit(lambda p, x: model.apply({"params": p}, x)["mmcl"])
+        self._apply = jax.jit(lambda p, x: model.apply({"params": p}, x)[head])
 
     def __call__(self, windows) -> np.ndarray:
         x = np.asarray(windows, np.float32)
@@ -166,12 +186,16 @@ class EncoderFn:
             feats = np.asarray(self._apply(self.params, chunk))
             out.append(feats[:feats.shape[0] - pad])
         if not out:
-            return np.zeros((0, self.model.mm_dim), np.float32)
+            dims = {"mmcl": self.model.mm_dim, "ssl": self.model.ssl_dim, "emb": self.model.hidden_dim}
+            return np.zeros((0, dims[self.head]), np.float32)
         return np.concatenate(out).astype(np.float32)
 
 
-def load_encoder(export_dir: str, batch_size: int = 256) -> EncoderFn:
-    """Load an exported encoder in one call: `features = load_encoder(dir)(windows)`."""
+def load_encoder(export_dir: str, batch_size: int = 256, head: str = "mmcl") -> EncoderFn:
+    """Load an exported encoder in one call: `features = load_encoder(dir)(windows)`.
+
+    `head` picks the feature: "mmcl" (default), "ssl" or "emb" (see EncoderFn).
+    """
     meta_path = os.path.join(export_dir, ENCODER_CONFIG_FILE)
     if not os.path.exists(meta_path):
         raise FileNotFoundError(f"{export_dir} is not an exported encoder: {ENCODER_CONFIG_FILE} is missing")
@@ -189,4 +213,4 @@ def load_encoder(export_dir: str, batch_size: int = 256) -> EncoderFn:
     problems = _shape_mismatches(params, expected)
     if problems:
         raise ValueError(f"{export_dir}: params do not fit {ENCODER_CONFIG_FILE}: {'; '.join(problems[:3])}")
-    return EncoderFn(model, params, meta["window_length"], meta["rate_hz"], batch_size)
+    return EncoderFn(model, params, meta["window_length"], meta["rate_hz"], batch_size, head)

@@ -11,6 +11,7 @@ import os
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/X.py)")
@@ -69,7 +70,8 @@ def run(config, workdir: str) -> dict:
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logging.getLogger().setLevel(logging.INFO)
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax and XLA are chatty at INFO
+    logging.getLogger("primus_jax").setLevel(logging.INFO)
     config = _CONFIG.value
     from primus_jax import checkpoint, data, train
 
@@ -82,7 +84,28 @@ def main(argv) -> None:
         sys.exit(2 if isinstance(err, train.ConfigError) else 1)
     if summary.get("preempted"):
         print(f"preempted at step {summary['step']}: checkpoint saved in {_WORKDIR.value}", file=sys.stderr)
+    elif "skipped_updates" in summary:
+        print(f"finished at step {summary['step']}: {summary['skipped_updates']} non-finite updates skipped, "
+              f"{summary['skipped_records']} corrupt records skipped", file=sys.stderr)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing where a bad override is one sentence on stderr and exit status 2.
+
+    An unknown field (`--config.train.nonexistent=1`) or a value of the wrong type
+    (`--config.objective.alpha=abc`) would otherwise end in a traceback or absl's FATAL line.
+    """
+    try:
+        return flags.FLAGS(argv)
+    except AttributeError as err:  # ml_collections: the override names no field of the config
+        field = str(err).strip("\"'")
+        named = [a.split("=")[0] for a in argv if a.startswith("--config.") and
+                 a.split("=")[0].split(".")[-1] == field]
+        print(f"error: {named[0] if named else field}: the config has no such field", file=sys.stderr)
+    except flags.Error as err:
+        print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

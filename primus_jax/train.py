@@ -53,6 +53,8 @@ class TrainState(flax.struct.PyTreeNode):
     rng: base PRNG key (uint32[2]); step t uses fold_in(rng, t), so resuming replays the same keys.
     step: int32 scalar, number of updates attempted.
     nonfinite_streak / nonfinite_total: int32 counters of skipped non-finite updates.
+    nonfinite_peak: int32, the longest streak since the loop last checked it (the loop only reads
+        the state every log_every steps, so a streak that ends between two reads is still seen).
     """
 
     step: jax.Array
@@ -62,6 +64,7 @@ class TrainState(flax.struct.PyTreeNode):
     rng: jax.Array
     nonfinite_streak: jax.Array
     nonfinite_total: jax.Array
+    nonfinite_peak: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +142,7 @@ def create_train_state(config: ml_collections.ConfigDict, dims: DataDims) -> Tra
     zero = jnp.zeros((), jnp.int32)
     return TrainState(
         step=zero, params=params, opt_state=tx.init(params), queue=queue, rng=base_key,
-        nonfinite_streak=zero, nonfinite_total=zero,
+        nonfinite_streak=zero, nonfinite_total=zero, nonfinite_peak=zero,
     )
 
 
@@ -199,13 +202,15 @@ def make_steps(config: ml_collections.ConfigDict, dims: DataDims, mesh: Mesh):
                 queue, ssl0, batch["text_emb"], batch["video_emb"], batch["has_text"], batch["has_video"])
         finite = jnp.isfinite(loss) & _all_finite(grads)
         keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+        streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
         new_state = state.replace(
             step=state.step + 1,
             params=keep(params, state.params),
             opt_state=keep(opt_state, state.opt_state),
             queue=keep(queue, state.queue),
-            nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
+            nonfinite_streak=streak,
             nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
+            nonfinite_peak=jnp.maximum(state.nonfinite_peak, streak),
         )
         metrics = dict(metrics, skipped=(~finite).astype(jnp.float32))
         return new_state, metrics
@@ -294,6 +299,26 @@ def validate_config(config: ml_collections.ConfigDict, dims: DataDims, num_devic
         raise ConfigError("; ".join(problems))
 
 
+def check_splits(config: ml_collections.ConfigDict, manifest: dict) -> None:
+    """ConfigError unless the train split (and the val split, if any) holds at least one global batch.
+
+    Checked up front, so a missing or too small validation split fails before training, not at the
+    first evaluation.
+    """
+    g = config.train.global_batch_size
+    for role in ("train", "val"):
+        split = config.data[f"{role}_split"]
+        if not split and role == "val":
+            continue
+        if split not in manifest["splits"]:
+            raise ConfigError(f"data.{role}_split={split!r} is not a split of {config.data.dir} "
+                              f"(splits: {sorted(manifest['splits'])})")
+        records = manifest["splits"][split]["records"]
+        if records < g:
+            raise ConfigError(f"data.{role}_split={split!r} of {config.data.dir} has {records} records, "
+                              f"fewer than one global batch of {g}")
+
+
 class ConfigError(ValueError):
     """A configuration that cannot run, described in one sentence."""
 
@@ -377,7 +402,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Pretrain from config.data.dir into workdir; resumes from the latest checkpoint there.
 
     Returns a summary dict: final step, last train metrics, last validation metrics, whether the run
-    was preempted, and the number of skipped (non-finite) updates.
+    was preempted, the number of skipped (non-finite) updates and of skipped corrupt records.
     """
     from tqdm import tqdm
 
@@ -388,6 +413,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     dims = DataDims.from_manifest(manifest)
     mesh = make_mesh()
     validate_config(config, dims, mesh.size)
+    check_splits(config, manifest)
 
     iterator = data.BatchIterator(
         config.data.dir, config.data.train_split, config.train.global_batch_size, seed=config.seed,
@@ -395,8 +421,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     num_steps = config.train.num_steps or config.train.num_epochs * iterator.steps_per_epoch
     if num_steps <= 0:
         raise ConfigError(
-            f"split {config.data.train_split!r} of {config.data.dir} has fewer records than one global batch "
-            f"of {config.train.global_batch_size}")
+            f"train.num_steps={config.train.num_steps} and train.num_epochs={config.train.num_epochs} "
+            f"leave nothing to train")
 
     state = replicate(create_train_state(config, dims), mesh)
     checkpointer = ckpt.Checkpointer(workdir, keep=config.train.keep_checkpoints)
@@ -424,15 +450,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 last_train = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 elapsed = time.perf_counter() - window_start
                 last_train["samples_per_s"] = window_steps * config.train.global_batch_size / max(elapsed, 1e-9)
+                last_train["skipped_updates"] = int(state.nonfinite_total)
+                last_train["skipped_records"] = iterator.stats["skipped_records"]
                 window_start, window_steps = time.perf_counter(), 0
                 metrics_log.write(step, "train", last_train)
                 progress.set_postfix(loss=f"{last_train['loss']:.3f}", samples_s=f"{last_train['samples_per_s']:.0f}")
-                streak = int(state.nonfinite_streak)
-                if streak >= config.train.max_nonfinite_in_a_row:
+                peak = int(state.nonfinite_peak)
+                if peak >= config.train.max_nonfinite_in_a_row:
                     latest = checkpointer.latest_step()
                     raise TrainingError(
-                        f"{streak} non-finite losses in a row up to step {step}: stopping; the last good "
-                        f"checkpoint ({'step ' + str(latest) if latest is not None else 'none yet'}) in {workdir} is intact")
+                        f"{peak} non-finite losses in a row before step {step} (train.max_nonfinite_in_a_row="
+                        f"{config.train.max_nonfinite_in_a_row}): stopping; the last good checkpoint "
+                        f"({'step ' + str(latest) if latest is not None else 'none yet'}) in {workdir} is intact")
+                if peak:
+                    state = state.replace(nonfinite_peak=replicate(np.zeros((), np.int32), mesh))
             val_now = step % config.train.eval_every == 0 or step == num_steps
             if val_now:
                 last_val = evaluate_loss(eval_step, state, config, dims, mesh)
@@ -455,4 +486,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         metrics_log.close()
         checkpointer.close()
     return {"step": step, "train": last_train, "val": last_val, "preempted": preempted,
-            "skipped_updates": int(state.nonfinite_total), "state": state}
+            "skipped_updates": int(state.nonfinite_total),
+            "skipped_records": iterator.stats["skipped_records"], "state": state}
