@@ -25,6 +25,7 @@ INDOMAIN = "in-domain (held-out watch subjects)"
 OUT_OF_DOMAIN = "out-of-domain (BasicMotions)"
 RANDOM_INIT = "random init (frozen)"
 STANDARD_TRAINING = "standard training (random init, end to end)"
+FEATURE_HEADS = ("ssl", "mmcl", "emb")
 METHOD_LABELS = {"primus": "PRIMUS", "simclr": "SimCLR-only", "imu2clip": "MM-only (IMU2CLIP-like)"}
 
 
@@ -97,7 +98,12 @@ def evaluation_sets(config: ml_collections.ConfigDict, paths: dict[str, str], te
 
 
 def evaluate_encoders(config: ml_collections.ConfigDict, encoders: dict[str, dict], sets: dict[str, dict]) -> dict:
-    """Few-shot probes (and zero-shot / retrieval where text was learnt) for every encoder and set."""
+    """Few-shot probes for every encoder, set and feature head; zero-shot / retrieval where text was learnt.
+
+    Each evaluation set is reported once per head of config.demo.features ("ssl", "mmcl", "emb");
+    zero-shot and retrieval need the text space, so they go with "mmcl". Standard training does not
+    depend on a frozen feature: it is trained once per set and listed under every head.
+    """
     model = train.build_model(config.model)
     window_length = next(iter(sets.values()))["train"][0].shape[1]
     random_params = model.init(jax.random.PRNGKey(config.seed + 1), np.zeros((1, window_length, 6), np.float32))["params"]
@@ -111,30 +117,34 @@ def evaluate_encoders(config: ml_collections.ConfigDict, encoders: dict[str, dic
         protocol = evaluate.FewShotProtocol(
             shots=tuple(config.demo.shots), num_classes=len(eval_set["classes"]),
             trials=config.demo.trials, seed=config.demo.seed)
-        methods = {}
-        for label, params in frozen.items():
-            train_feats = evaluate.encode(model, params, train_x)
-            test_feats = evaluate.encode(model, params, test_x)
-            entry = {"few_shot": evaluate.few_shot_probe(
-                train_feats, train_y, test_feats, test_y, protocol, config=probe_config,
-                desc=f"{set_name}: {label}")}
-            if label in learnt_text:
-                entry["zero_shot"] = evaluate.zero_shot(test_feats, test_y, eval_set["prompts"])
-                prompts = eval_set["prompts"]
-                entry["retrieval"] = evaluate.retrieval_recall(
-                    test_feats, prompts.reshape(-1, prompts.shape[-1]), ks=(1, 5),
-                    imu_labels=test_y, text_labels=np.repeat(np.arange(prompts.shape[0]), prompts.shape[1]))
-            methods[label] = entry
+        standard = None
         if config.demo.standard_training:
             finetune = evaluate.FineTuneConfig(
                 steps=config.demo.finetune_steps, learning_rate=config.demo.finetune_learning_rate,
-                normalize_features=False)
-            methods[STANDARD_TRAINING] = {"few_shot": evaluate.fine_tune_probe(
+                batch_size=config.demo.finetune_batch_size, normalize_features=False)
+            standard = {"few_shot": evaluate.fine_tune_probe(
                 model, random_params, train_x, train_y, test_x, test_y, protocol, config=finetune,
                 desc=f"{set_name}: standard training")}
-        results[set_name] = {"num_classes": len(eval_set["classes"]), "classes": eval_set["classes"],
-                             "train_windows": int(len(train_y)), "test_windows": int(len(test_y)),
-                             "methods": methods}
+        for head in config.demo.features:
+            methods = {}
+            for label, params in frozen.items():
+                train_feats = evaluate.encode(model, params, train_x, head_name=head)
+                test_feats = evaluate.encode(model, params, test_x, head_name=head)
+                entry = {"few_shot": evaluate.few_shot_probe(
+                    train_feats, train_y, test_feats, test_y, protocol, config=probe_config,
+                    desc=f"{set_name}, {head}: {label}")}
+                if head == "mmcl" and label in learnt_text:
+                    prompts = eval_set["prompts"]
+                    entry["zero_shot"] = evaluate.zero_shot(test_feats, test_y, prompts)
+                    entry["retrieval"] = evaluate.retrieval_recall(
+                        test_feats, prompts.reshape(-1, prompts.shape[-1]), ks=(1, 5),
+                        imu_labels=test_y, text_labels=np.repeat(np.arange(prompts.shape[0]), prompts.shape[1]))
+                methods[label] = entry
+            if standard is not None:
+                methods[STANDARD_TRAINING] = standard
+            results[f"{set_name}, {head} features"] = {
+                "num_classes": len(eval_set["classes"]), "classes": eval_set["classes"],
+                "train_windows": int(len(train_y)), "test_windows": int(len(test_y)), "methods": methods}
     return results
 
 
@@ -145,6 +155,9 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict:
     unknown = [m for m in config.demo.methods if m not in ablations.ABLATIONS]
     if unknown:
         raise train.ConfigError(f"demo.methods has unknown methods {unknown}; choose from {sorted(ablations.ABLATIONS)}")
+    heads = [h for h in config.demo.features if h not in FEATURE_HEADS]
+    if heads or not config.demo.features:
+        raise train.ConfigError(f"demo.features must name heads among {FEATURE_HEADS}, got {tuple(config.demo.features)}")
     start = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
     text_tower = towers.load_text_tower(config.demo.text_tower)

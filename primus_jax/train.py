@@ -19,14 +19,12 @@ One step, for a global batch x of shape (G, T, 6):
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
-import math
 import os
 import signal
 import time
-from typing import Any, Callable
+from typing import Any
 
 import flax
 import jax

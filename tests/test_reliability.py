@@ -8,7 +8,6 @@ import random
 import resource
 import shutil
 import signal
-import socket
 import time
 
 import jax
@@ -16,16 +15,10 @@ import numpy as np
 import pytest
 
 from primus_jax import checkpoint, data, train
-from tests.train_fixtures import run_main, tiny_config, tiny_overrides, write_tiny_dataset
+from tests.train_fixtures import (export_params, free_port, run_main, tiny_config, tiny_overrides,
+                                  write_tiny_dataset)
 
 HUGE = 1e30  # finite in float32, so it passes the reader, but the encoder's statistics overflow
-
-
-def _fast_compile(devices: int = 4) -> dict:
-    """Environment whose XLA flags compile the tiny model ~40% faster (every run here uses them,
-    so runs that are compared bit for bit compile the same way)."""
-    return {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} "
-                         "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"}
 
 
 def _rewrite_shard(path: str, edits: dict, truncate_in: int | None = None) -> None:
@@ -76,7 +69,7 @@ def _shard(dataset: str, k: int) -> str:
 
 
 def _run(workdir, overrides, timeout=300, **kwargs):
-    proc = run_main(workdir, overrides, env_extra=_fast_compile(), **kwargs)
+    proc = run_main(workdir, overrides, **kwargs)
     out, err = proc.communicate(timeout=timeout)
     return proc.returncode, err
 
@@ -91,13 +84,6 @@ def _error_line(err: str) -> str:
 def _metrics(workdir: str) -> list[dict]:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if '"train"' in line]
-
-
-def _export_params(workdir):
-    import flax
-
-    with open(os.path.join(workdir, "export", checkpoint.PARAMS_FILE), "rb") as f:
-        return flax.serialization.msgpack_restore(f.read())
 
 
 def _checkpoint_steps(workdir) -> list[int]:
@@ -187,13 +173,13 @@ def _wait_for_checkpoint_after(proc, workdir, step, timeout=240):
 def test_two_sigkills_and_a_sigterm_resume_to_the_uninterrupted_params(dataset, tmp_path):
     steps, rng = 10, random.Random()
     overrides = tiny_overrides(dataset, train__num_steps=steps, data__val_split="")
-    straight = run_main(str(tmp_path / "straight"), overrides, env_extra=_fast_compile())
+    straight = run_main(str(tmp_path / "straight"), overrides)
 
     workdir = str(tmp_path / "interrupted")
     for sig in (signal.SIGKILL, signal.SIGKILL, signal.SIGTERM):
         done = max(_checkpoint_steps(workdir), default=0)
         target = done + rng.randint(1, 2)
-        proc = run_main(workdir, overrides, env_extra=_fast_compile())
+        proc = run_main(workdir, overrides)
         _wait_for_checkpoint_after(proc, workdir, target)
         time.sleep(rng.uniform(0.0, 0.2))  # anywhere in a step or a save
         proc.send_signal(sig)
@@ -212,7 +198,7 @@ def test_two_sigkills_and_a_sigterm_resume_to_the_uninterrupted_params(dataset, 
     assert code == 0 and f"resumed from step {stopped}" in err, err[-3000:]
     _, straight_err = straight.communicate(timeout=300)
     assert straight.returncode == 0, straight_err[-3000:]
-    a, b = _export_params(str(tmp_path / "straight")), _export_params(workdir)
+    a, b = export_params(str(tmp_path / "straight")), export_params(workdir)
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
         np.testing.assert_array_equal(x, y)
 
@@ -282,19 +268,13 @@ def test_window_too_short_for_the_encoder_is_a_config_error(tmp_path):
 
 # --------------------------------------------------------------------------- multi-process
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_survivor_of_a_dead_peer_exits_with_an_error_in_bounded_time(dataset, tmp_path):
-    workdir, port = str(tmp_path / "w"), _free_port()
+    workdir, port = str(tmp_path / "w"), free_port()
     procs = [
         run_main(workdir, tiny_overrides(
             dataset, train__num_steps=100000, data__val_split="",
             distributed__coordinator_address=f"127.0.0.1:{port}", distributed__num_processes=2,
-            distributed__process_id=i, distributed__heartbeat_timeout_s=5), env_extra=_fast_compile(2))
+            distributed__process_id=i, distributed__heartbeat_timeout_s=5), devices=2)
         for i in range(2)
     ]
     try:
