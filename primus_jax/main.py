@@ -103,7 +103,10 @@ def parse_flags(argv: list[str]) -> list[str]:
                  a.split("=")[0].split(".")[-1] == field]
         print(f"error: {named[0] if named else field}: the config has no such field", file=sys.stderr)
     except flags.Error as err:
-        print(f"error: {err}", file=sys.stderr)
+        # config_flags embeds the config file's traceback: keep the flag and the final error line.
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        message = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
+        print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 

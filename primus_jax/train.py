@@ -406,6 +406,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     from primus_jax import checkpoint as ckpt
 
+    if not config.data.dir:
+        raise ConfigError("data.dir is empty: set --config.data.dir to a dataset prepared by data_prep")
     os.makedirs(workdir, exist_ok=True)
     manifest = data.read_manifest(config.data.dir)
     dims = DataDims.from_manifest(manifest)

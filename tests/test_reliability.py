@@ -247,12 +247,20 @@ def test_failed_save_is_a_clear_error_and_keeps_the_previous_checkpoint(dataset,
     ({"train__global_batch_size": 6}, "global_batch_size=6 is not divisible by the 4 devices"),
     ({"train__global_batch_size": 32}, "data.val_split='val' of "),  # 16 val records: no eval batch
     ({"data__val_split": "test"}, "data.val_split='test' is not a split of"),
+    ({"data__dir": ""}, "error: data.dir is empty: set --config.data.dir"),
 ])
 def test_config_error_is_one_sentence_and_exit_2(dataset, tmp_path, override, sentence):
     code, err = _run(str(tmp_path / "w"), tiny_overrides(dataset, **override), timeout=120)
     assert code == 2
     assert sentence in _error_line(err)
     assert not os.path.exists(os.path.join(tmp_path, "w", "checkpoints"))
+
+
+def test_error_raised_by_the_config_file_is_one_sentence(dataset, tmp_path):
+    code, err = _run(str(tmp_path / "w"), tiny_overrides(dataset), config="configs/ablations.py:bogus", timeout=120)
+    assert code == 2
+    line = _error_line(err)
+    assert "--config=configs/ablations.py:bogus" in line and "unknown ablation 'bogus'" in line
 
 
 def test_window_too_short_for_the_encoder_is_a_config_error(tmp_path):
