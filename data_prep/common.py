@@ -9,7 +9,6 @@ from __future__ import annotations
 import collections
 import json
 import math
-import os
 import re
 import string
 from fractions import Fraction
@@ -17,6 +16,8 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 from scipy import signal
+
+from primus_jax import paths
 
 STANDARD_GRAVITY = 9.80665  # m/s^2 per g
 DEFAULT_SPLIT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
@@ -253,13 +254,13 @@ class Report:
             "drop_examples": {k: v for k, v in sorted(self.examples.items())},
         }
 
-    def write(self, out_dir: str) -> str:
-        """Writes report.json into out_dir (created if needed) and returns its path."""
-        os.makedirs(out_dir, exist_ok=True)
-        path = os.path.join(out_dir, "report.json")
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.as_dict(), f, indent=2)
-        return path
+    def write(self, out_dir) -> str:
+        """Writes report.json atomically into out_dir (local, created if needed, or gs://); returns its path."""
+        out_dir = paths.resolve(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / "report.json"
+        paths.atomic_write(path, json.dumps(self.as_dict(), indent=2))
+        return str(path)
 
     def summary(self) -> str:
         kept = ", ".join(f"{split}: {n}" for split, n in sorted(self.kept.items())) or "none"

@@ -44,7 +44,7 @@ import tqdm
 
 from data_prep import common
 from data_prep.video import VideoError, read_clip
-from primus_jax import towers
+from primus_jax import paths, towers
 from primus_jax.data import DatasetWriter, Window
 
 IMU_TIME_COLUMN = "canonical_timestamp_ms"
@@ -392,9 +392,10 @@ def run_cli(args: argparse.Namespace, build_recordings: Callable[[], tuple[list[
     stderr and return 1.
     """
     try:
+        out = paths.check_access(args.out)  # refuse a bad scheme or bucket before any work
         recordings, input_description = build_recordings()
         report = write_dataset(
-            recordings, args.out, source=source, input_description=input_description,
+            recordings, out, source=source, input_description=input_description,
             settings=settings_from_args(args),
             **load_towers(args.text_tower or args.towers, args.video_tower or args.towers),
             overwrite=args.overwrite,

@@ -44,7 +44,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from data_prep import common
-from primus_jax import towers
+from primus_jax import paths, towers
 from primus_jax.data import DatasetWriter, Window
 
 CSV_IMU_COLUMNS = ("ax", "ay", "az", "gx", "gy", "gz")
@@ -410,8 +410,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs the CLI; bad input or no usable window prints one error sentence and returns 1."""
     args = build_parser().parse_args(argv)
     try:
+        out = paths.check_access(args.out)  # refuse a bad scheme or bucket before any work
         report = write_har_dataset(
-            source_from_args(args), args.out, T=args.T, rate_hz=args.target_rate, hop=args.hop,
+            source_from_args(args), out, T=args.T, rate_hz=args.target_rate, hop=args.hop,
             text_tower=towers.load_text_tower(args.text_tower), overwrite=args.overwrite,
         )
     except (common.NothingUsable, ValueError, FileNotFoundError, FileExistsError) as error:

@@ -7,14 +7,15 @@ Layout of a workdir:
     best/<step>/          the state with the lowest validation loss seen so far
     export/               params.msgpack + encoder.json: what `load_encoder` reads
 
-Orbax writes every checkpoint to a temporary directory and renames it when complete, so an
-interrupted or failed save never damages the previous one.
+The workdir and the export may be local or gs:// (`primus_jax.paths`). Orbax finalises every
+checkpoint atomically, so an interrupted or failed save never damages the previous one: locally
+it writes a temporary directory and renames it; on GCS, where a directory cannot be renamed, it
+writes the step's objects and then a commit marker, and ignores a step without one.
 """
 from __future__ import annotations
 
+import hashlib
 import json
-import os
-import shutil
 from typing import Any
 
 import flax
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from primus_jax import models
+from primus_jax import models, paths
 
 ENCODER_CONFIG_FILE = "encoder.json"
 PARAMS_FILE = "params.msgpack"
@@ -57,19 +58,19 @@ def _shape_mismatches(saved_tree, abstract_tree) -> list[str]:
 class Checkpointer:
     """Latest-N checkpoints for resuming and the best-by-validation-loss one, in `workdir`."""
 
-    def __init__(self, workdir: str, keep: int = 2):
-        self.workdir = os.path.abspath(workdir)
+    def __init__(self, workdir, keep: int = 2):
+        self.workdir = paths.resolve(workdir)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
         # Named handlers let item_metadata read the saved shapes before a restore is attempted.
         handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
         self._latest = ocp.CheckpointManager(
-            os.path.join(self.workdir, "checkpoints"), options=options, item_handlers=handlers)
+            self.workdir / "checkpoints", options=options, item_handlers=handlers)
         best_options = ocp.CheckpointManagerOptions(
             max_to_keep=1, create=True, enable_async_checkpointing=False,
             best_fn=lambda metrics: metrics["val_loss"], best_mode="min",
             keep_checkpoints_without_metrics=False,
         )
-        self._best = ocp.CheckpointManager(os.path.join(self.workdir, "best"), options=best_options)
+        self._best = ocp.CheckpointManager(self.workdir / "best", options=best_options)
         self._best_loss = self._read_best_loss()
 
     def _read_best_loss(self) -> float:
@@ -127,26 +128,23 @@ class Checkpointer:
         self._best.close()
 
 
-def export_encoder(export_dir: str, encoder_params, model_config: dict, window_length: int, rate_hz: float) -> None:
-    """Write encoder params + encoder.json to export_dir, replacing an earlier export atomically."""
-    export_dir = os.path.abspath(export_dir)
-    tmp = export_dir + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+def export_encoder(export_dir, encoder_params, model_config: dict, window_length: int, rate_hz: float) -> None:
+    """Write params.msgpack, then encoder.json, to export_dir (local or gs://), each atomically.
+
+    encoder.json names the SHA-256 of the params it belongs to, and is written last: a reader
+    that meets an export half replaced (new params, old encoder.json) gets an error from
+    `load_encoder`, never a model built from mismatched files.
+    """
+    export_dir = paths.resolve(export_dir)
+    export_dir.mkdir(parents=True, exist_ok=True)
     host_params = jax.tree_util.tree_map(np.asarray, jax.device_get(encoder_params))
-    with open(os.path.join(tmp, PARAMS_FILE), "wb") as f:
-        f.write(flax.serialization.msgpack_serialize(host_params))
+    params_bytes = flax.serialization.msgpack_serialize(host_params)
     meta = {"format": EXPORT_FORMAT, "model": dict(model_config), "window_length": int(window_length),
             "rate_hz": float(rate_hz), "channels": ["ax", "ay", "az", "gx", "gy", "gz"],
-            "units": "m/s^2 and rad/s", "feature": "mmcl"}
-    with open(os.path.join(tmp, ENCODER_CONFIG_FILE), "w") as f:
-        json.dump(meta, f, indent=2)
-    old = export_dir + ".old"
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(export_dir):
-        os.replace(export_dir, old)
-    os.replace(tmp, export_dir)
-    shutil.rmtree(old, ignore_errors=True)
+            "units": "m/s^2 and rad/s", "feature": "mmcl",
+            "params_sha256": hashlib.sha256(params_bytes).hexdigest()}
+    paths.atomic_write(export_dir / PARAMS_FILE, params_bytes)
+    paths.atomic_write(export_dir / ENCODER_CONFIG_FILE, json.dumps(meta, indent=2))
 
 
 FEATURE_HEADS = ("mmcl", "ssl", "emb")
@@ -191,23 +189,27 @@ class EncoderFn:
         return np.concatenate(out).astype(np.float32)
 
 
-def load_encoder(export_dir: str, batch_size: int = 256, head: str = "mmcl") -> EncoderFn:
-    """Load an exported encoder in one call: `features = load_encoder(dir)(windows)`.
+def load_encoder(export_dir, batch_size: int = 256, head: str = "mmcl") -> EncoderFn:
+    """Load an exported encoder (local or gs://) in one call: `features = load_encoder(dir)(windows)`.
 
     `head` picks the feature: "mmcl" (default), "ssl" or "emb" (see EncoderFn).
     """
-    meta_path = os.path.join(export_dir, ENCODER_CONFIG_FILE)
-    if not os.path.exists(meta_path):
+    export_dir = paths.check_access(export_dir)
+    meta_path = export_dir / ENCODER_CONFIG_FILE
+    if not meta_path.exists():
         raise FileNotFoundError(f"{export_dir} is not an exported encoder: {ENCODER_CONFIG_FILE} is missing")
-    with open(meta_path) as f:
-        meta = json.load(f)
+    meta = json.loads(meta_path.read_text())
     if meta.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{meta_path}: unknown export format {meta.get('format')!r}, expected {EXPORT_FORMAT!r}")
     model_cfg = dict(meta["model"])
     model_cfg["dtype"] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[model_cfg.get("dtype", "float32")]
     model = models.IMUEncoder(**model_cfg)
-    with open(os.path.join(export_dir, PARAMS_FILE), "rb") as f:
-        params = flax.serialization.msgpack_restore(f.read())
+    params_bytes = (export_dir / PARAMS_FILE).read_bytes()
+    expected_sha = meta.get("params_sha256")  # absent in exports written before it was added
+    if expected_sha is not None and hashlib.sha256(params_bytes).hexdigest() != expected_sha:
+        raise ValueError(f"{export_dir / PARAMS_FILE}: does not match the params_sha256 of {ENCODER_CONFIG_FILE} "
+                         f"(the export is being replaced or is damaged)")
+    params = flax.serialization.msgpack_restore(params_bytes)
     expected = jax.eval_shape(
         lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, meta["window_length"], 6)))["params"])
     problems = _shape_mismatches(params, expected)

@@ -2,7 +2,11 @@
 
 `config.mode` picks the job: "pretrain" (default.py and ablations.py: pretrain on a prepared
 dataset, checkpoint, export) or "demo" (demo.py: prepare the bundled real data, pretrain PRIMUS and
-the baselines, evaluate, report). Configuration errors exit with one sentence and status 2.
+the baselines, evaluate, report). Configuration errors exit with one sentence and status 2; bad
+input (a dataset, a path with an unsupported scheme, a missing bucket) with one sentence and 1.
+
+`--workdir` and `--config.data.dir` may be local or gs://bucket/path (see primus_jax.paths); the
+demo writes its data, report and plots to local disk only.
 """
 from __future__ import annotations
 
@@ -61,8 +65,11 @@ def run(config, workdir: str) -> dict:
         summary.pop("state")
         return summary
     if mode == "demo":
-        from primus_jax import demo
+        from primus_jax import demo, paths
 
+        workdir = paths.require_local(workdir, "the demo's workdir (data, report, plots)")
+        if config.demo.data_root:
+            config.demo.data_root = paths.require_local(config.demo.data_root, "demo.data_root")
         return demo.run_demo(config, workdir)
     raise ValueError(f"config.mode must be 'pretrain' or 'demo', got {mode!r}")
 
@@ -73,13 +80,13 @@ def main(argv) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax and XLA are chatty at INFO
     logging.getLogger("primus_jax").setLevel(logging.INFO)
     config = _CONFIG.value
-    from primus_jax import checkpoint, data, train
+    from primus_jax import checkpoint, data, paths, train
 
     try:
         initialize_distributed(config.distributed)
         summary = run(config, _WORKDIR.value)
     except (train.ConfigError, data.DataError, checkpoint.CheckpointError, train.TrainingError,
-            FileNotFoundError) as err:
+            paths.PathError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2 if isinstance(err, train.ConfigError) else 1)
     if summary.get("preempted"):

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import signal
 import time
 from typing import Any
@@ -34,7 +33,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from primus_jax import augment, data, losses, models, queue as nn_queue
+from primus_jax import augment, data, losses, models, paths, queue as nn_queue
 
 log = logging.getLogger(__name__)
 
@@ -326,29 +325,45 @@ class TrainingError(RuntimeError):
 
 
 class MetricsLog:
-    """metrics.jsonl and TensorBoard scalars in the workdir (written by process 0 only)."""
+    """metrics.jsonl and TensorBoard scalars in the workdir, local or gs:// (process 0 only).
 
-    def __init__(self, workdir: str):
+    A GCS object cannot be appended to, so metrics.jsonl is held in memory (the lines an earlier
+    run of this workdir wrote, then each new one) and rewritten whole with `paths.atomic_write`:
+    the file always holds complete lines, locally and on GCS alike. It is rewritten at most every
+    `flush_every_s` seconds and on close, so a long run does not upload it at every log step.
+    TensorBoard events go through tensorboardX, which writes gs:// itself.
+    """
+
+    def __init__(self, workdir, flush_every_s: float = 10.0):
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
         from tensorboardX import SummaryWriter
 
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        workdir = paths.resolve(workdir)
+        self._path = workdir / "metrics.jsonl"
+        self._text = self._path.read_text() if self._path.exists() else ""
+        self._flush_every_s = flush_every_s
+        self._last_flush = time.monotonic()
+        self._tb = SummaryWriter(str(workdir / "tensorboard"))
 
     def write(self, step: int, split: str, metrics: dict) -> None:
         if not self.enabled:
             return
         record = {"step": int(step), "split": split, **{k: float(v) for k, v in metrics.items()}}
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
+        self._text += json.dumps(record) + "\n"
+        if time.monotonic() - self._last_flush >= self._flush_every_s:
+            self._flush()
         for k, v in metrics.items():
             self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
 
+    def _flush(self) -> None:
+        paths.atomic_write(self._path, self._text)
+        self._last_flush = time.monotonic()
+
     def close(self) -> None:
         if self.enabled:
-            self._jsonl.close()
+            self._flush()
             self._tb.close()
 
 
@@ -408,7 +423,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     if not config.data.dir:
         raise ConfigError("data.dir is empty: set --config.data.dir to a dataset prepared by data_prep")
-    os.makedirs(workdir, exist_ok=True)
+    paths.check_access(config.data.dir)
+    workdir = paths.check_access(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
     manifest = data.read_manifest(config.data.dir)
     dims = DataDims.from_manifest(manifest)
     mesh = make_mesh()
@@ -477,7 +494,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 break
         if not preempted and config.train.export and jax.process_index() == 0:
             ckpt.export_encoder(
-                os.path.join(workdir, "export"), state.params["encoder"], config.model.to_dict(),
+                workdir / "export", state.params["encoder"], config.model.to_dict(),
                 dims.window_length, dims.rate_hz)
     finally:
         progress.close()
