@@ -15,6 +15,8 @@ setup(
         "flax>=0.12.8,<0.13",
         "optax>=0.2.5",
         "orbax-checkpoint>=0.12.8,<0.13",
+        "etils[epath]>=1.15",  # one path library for local and gs:// (primus_jax/paths.py)
+        "gcsfs>=2026.10",  # epath's gs:// backend
         "ml-collections>=1.0",
         "absl-py>=2.0",
         "numpy>=1.26",
@@ -30,7 +32,7 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "tensorflow-cpu>=2.16"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "tensorflow-cpu>=2.16", "gcp-storage-emulator>=2026.7"],
         "torch": ["torch"],
         "aria": ["projectaria-tools"],
     },

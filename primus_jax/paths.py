@@ -9,8 +9,8 @@ Schemes. A plain path (relative, absolute, `~`) is local; `gs://bucket/path` is 
 Storage. Any other `scheme://` (s3://, foo://, ...) or a one-slash `gs:/bucket` is refused
 with `PathError`: it is never taken as a local folder named `s3:`.
 
-Credentials and endpoints, set once when this module is imported (defaults only: a variable
-the user set is never overwritten):
+Credentials and endpoints, set once per process when the first gs:// path is resolved
+(defaults only: a variable the user set is never overwritten):
 
 - `EPATH_USE_TF=false`: epath always uses gcsfs for gs://, never tf.io.gfile, whether or
   not TensorFlow happens to be installed.
@@ -30,8 +30,8 @@ the user set is never overwritten):
     gcsfs token "anon"                           no credential search at all.
   google-cloud-storage (Orbax's bucket-layout check, tensorboardX's gs:// writer) reads
   STORAGE_EMULATOR_HOST itself and then sends no credentials.
-  gcsfs reads GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT when it is first imported, so import
-  primus_jax (or this module) before anything imports gcsfs.
+  So STORAGE_EMULATOR_HOST must be set before the first gs:// path is used, and gcsfs (which
+  reads GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT on import) must not have been imported before that.
 """
 from __future__ import annotations
 
@@ -51,8 +51,15 @@ class PathError(ValueError):
     """A path the project cannot use (unsupported scheme, missing bucket, no credentials)."""
 
 
+_configured = False
+
+
 def _configure_gcs_clients() -> None:
     """Point every GCS client at STORAGE_EMULATOR_HOST if set, else at GCS with ADC (see module doc)."""
+    global _configured
+    if _configured:
+        return
+    _configured = True
     os.environ.setdefault("EPATH_USE_TF", "false")
     emulator = os.environ.get("STORAGE_EMULATOR_HOST", "")
     gcs_options = fsspec.config.conf.setdefault("gcs", {})
@@ -65,9 +72,6 @@ def _configure_gcs_clients() -> None:
         gcs_options.setdefault("token", "anon")
     else:
         gcs_options.setdefault("token", "google_default")
-
-
-_configure_gcs_clients()
 
 
 def is_gcs(path) -> bool:
@@ -93,6 +97,7 @@ def resolve(path) -> epath.Path:
     bucket = text[len("gs://"):].split("/", 1)[0]
     if not _BUCKET.match(bucket):
         raise PathError(f"{text}: {bucket!r} is not a valid bucket name; expected gs://bucket/path")
+    _configure_gcs_clients()
     return epath.Path(text.rstrip("/") if text.count("/") > 2 else text)
 
 
@@ -120,22 +125,21 @@ def check_access(path) -> epath.Path:
     if not is_gcs(resolved):
         return resolved
     bucket = bucket_of(resolved)
+    from google.auth.exceptions import DefaultCredentialsError
+
     try:
-        filesystem = fsspec.filesystem("gcs")
-        exists = filesystem.exists(bucket)
-    except Exception as err:  # google-auth, gcsfs and aiohttp raise many types; all mean "no access"
-        raise PathError(f"{resolved}: cannot reach Google Cloud Storage ({_first_line(err)}); "
-                        f"{_credentials_hint()}") from None
+        exists = fsspec.filesystem("gcs").exists(bucket)
+    except DefaultCredentialsError:
+        raise PathError(f"{resolved}: no Google Cloud credentials found; run `gcloud auth application-default "
+                        f"login`, set GOOGLE_APPLICATION_CREDENTIALS=key.json, or set STORAGE_EMULATOR_HOST "
+                        f"for an emulator") from None
+    except Exception as err:  # gcsfs, google-auth and aiohttp raise many types; all mean "no access"
+        where = (f"the emulator at STORAGE_EMULATOR_HOST={os.environ['STORAGE_EMULATOR_HOST']}"
+                 if os.environ.get("STORAGE_EMULATOR_HOST") else "Google Cloud Storage")
+        raise PathError(f"{resolved}: cannot reach {where} ({_first_line(err)})") from None
     if not exists:
         raise PathError(f"{resolved}: the bucket gs://{bucket} does not exist or these credentials cannot see it")
     return resolved
-
-
-def _credentials_hint() -> str:
-    if os.environ.get("STORAGE_EMULATOR_HOST"):
-        return f"is the emulator at STORAGE_EMULATOR_HOST={os.environ['STORAGE_EMULATOR_HOST']} running?"
-    return ("set up Application Default Credentials (gcloud auth application-default login, or "
-            "GOOGLE_APPLICATION_CREDENTIALS=key.json), or set STORAGE_EMULATOR_HOST for an emulator")
 
 
 def _first_line(err: BaseException) -> str:
