@@ -1,0 +1,71 @@
+"""manifest.json: the dataset's header (T, rate, embedding dims, towers, classes, splits).
+
+A dataset is a folder of TFRecord shards plus ``manifest.json``::
+
+    <dir>/manifest.json
+    <dir>/<split>-<k:05d>.tfrecord      one tf.train.Example per IMU window
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from primus_jax.data.schema import CHANNELS, SCHEMA_VERSION, DataError
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_KEYS = ("schema_version", "T", "rate_hz", "channels", "text_dim", "video_dim",
+                 "towers", "class_names", "splits")
+
+
+def write_json_atomically(path: str, content: dict) -> None:
+    temporary = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.partial")
+    with open(temporary, "w", encoding="utf-8") as file:
+        json.dump(content, file, indent=2)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
+def read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as file:
+            content = json.load(file)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(content, dict):
+        raise DataError(f"{path}: expected a JSON object")
+    return content
+
+
+def read_manifest(dataset_dir) -> dict:
+    """Loads and checks `<dataset_dir>/manifest.json`; DataError if missing or invalid."""
+    path = os.path.join(os.fspath(dataset_dir), MANIFEST_NAME)
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no manifest found; is this a dataset written by "
+                        f"primus_jax.data.DatasetWriter?")
+    manifest = read_json(path)
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    if missing:
+        raise DataError(f"{path}: missing keys {missing}")
+    if manifest["schema_version"] != SCHEMA_VERSION:
+        raise DataError(f"{path}: key 'schema_version' is {manifest['schema_version']!r}; "
+                        f"this primus_jax reads schema version {SCHEMA_VERSION}")
+    if manifest["channels"] != CHANNELS:
+        raise DataError(f"{path}: key 'channels' is {manifest['channels']!r}, expected {CHANNELS}")
+    for key in ("T", "text_dim", "video_dim"):
+        if not isinstance(manifest[key], int) or manifest[key] < (1 if key == "T" else 0):
+            raise DataError(f"{path}: key '{key}' is {manifest[key]!r}, expected an integer")
+    if not isinstance(manifest["splits"], dict):
+        raise DataError(f"{path}: key 'splits' must be an object")
+    for split, info in manifest["splits"].items():
+        try:
+            counts = [int(entry["records"]) for entry in info["shards"]]
+            files_ok = all(isinstance(entry["file"], str) for entry in info["shards"])
+        except (KeyError, TypeError, ValueError):
+            raise DataError(f"{path}: split '{split}' needs 'records' and a 'shards' list of "
+                            f"{{'file', 'records'}}") from None
+        if not files_ok or sum(counts) != info.get("records"):
+            raise DataError(f"{path}: split '{split}': 'records' is {info.get('records')!r} "
+                            f"but its shards hold {sum(counts)}")
+    return manifest
