@@ -60,13 +60,16 @@ class Checkpointer:
 
     def __init__(self, workdir, keep: int = 2):
         self.workdir = paths.resolve(workdir)
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+        # cleanup_tmp_directories: a step a killed run left unfinished (a temporary directory locally,
+        # a step without its commit marker on GCS) is deleted, not written into again.
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False,
+                                               cleanup_tmp_directories=True)
         # Named handlers let item_metadata read the saved shapes before a restore is attempted.
         handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
         self._latest = ocp.CheckpointManager(
             self.workdir / "checkpoints", options=options, item_handlers=handlers)
         best_options = ocp.CheckpointManagerOptions(
-            max_to_keep=1, create=True, enable_async_checkpointing=False,
+            max_to_keep=1, create=True, enable_async_checkpointing=False, cleanup_tmp_directories=True,
             best_fn=lambda metrics: metrics["val_loss"], best_mode="min",
             keep_checkpoints_without_metrics=False,
         )

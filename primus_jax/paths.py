@@ -41,6 +41,7 @@ import uuid
 
 import fsspec
 from etils import epath
+from etils.epath import backend as epath_backend
 
 GCS_SCHEME = "gs"
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/")
@@ -128,10 +129,10 @@ def check_access(path) -> epath.Path:
     from google.auth.exceptions import DefaultCredentialsError
 
     try:
-        exists = fsspec.filesystem("gcs").exists(bucket)
+        exists = epath_backend.fsspec_backend.fs(os.fspath(resolved)).exists(bucket)
     except DefaultCredentialsError:
-        raise PathError(f"{resolved}: no Google Cloud credentials found; run `gcloud auth application-default "
-                        f"login`, set GOOGLE_APPLICATION_CREDENTIALS=key.json, or set STORAGE_EMULATOR_HOST "
+        raise PathError(f"{resolved}: no Google Cloud credentials found; run gcloud auth application-default "
+                        f"login, set GOOGLE_APPLICATION_CREDENTIALS=key.json, or set STORAGE_EMULATOR_HOST "
                         f"for an emulator") from None
     except Exception as err:  # gcsfs, google-auth and aiohttp raise many types; all mean "no access"
         where = (f"the emulator at STORAGE_EMULATOR_HOST={os.environ['STORAGE_EMULATOR_HOST']}"
@@ -145,6 +146,17 @@ def check_access(path) -> epath.Path:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def flush_durably(file) -> None:
+    """Flush a file opened for writing, and fsync it if it is local. A gs:// object has no
+    descriptor: it becomes durable, and visible, when `close()` completes its upload."""
+    file.flush()
+    try:
+        descriptor = file.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is OSError and ValueError
+        return
+    os.fsync(descriptor)
 
 
 def atomic_write(path, content: str | bytes) -> None:
@@ -165,9 +177,28 @@ def atomic_write(path, content: str | bytes) -> None:
     try:
         with temporary.open(mode) as file:
             file.write(content)
-            file.flush()
-            os.fsync(file.fileno())
+            flush_durably(file)
         temporary.replace(path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def move(source, destination) -> None:
+    """Move the file `source` onto `destination` in the same store, replacing it whole.
+
+    Locally `os.replace`, an atomic rename. On GCS a server-side copy (the destination object is
+    replaced whole when the copy completes), then the source is deleted, through the same gcsfs
+    instance epath uses, so its listing cache stays true. (epath's `replace` goes through gcsfs's
+    rename, which first tries GCS's moveTo API; emulators answer it with HTTP 501, which gcsfs
+    retries for about 30 s before it falls back to the same copy and delete.)
+    """
+    source, destination = resolve(source), resolve(destination)
+    if is_gcs(source) != is_gcs(destination):
+        raise PathError(f"cannot move {source} to {destination}: both must be local or both gs://")
+    if not is_gcs(source):
+        os.replace(source, destination)
+        return
+    filesystem = epath_backend.fsspec_backend.fs(os.fspath(source))
+    filesystem.copy(os.fspath(source), os.fspath(destination))
+    filesystem.rm(os.fspath(source))

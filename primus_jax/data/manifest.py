@@ -9,8 +9,8 @@ A dataset is a folder of TFRecord shards plus ``manifest.json``::
 from __future__ import annotations
 
 import json
-import os
 
+from primus_jax import paths
 from primus_jax.data.schema import CHANNELS, SCHEMA_VERSION, DataError
 
 MANIFEST_NAME = "manifest.json"
@@ -18,19 +18,14 @@ MANIFEST_KEYS = ("schema_version", "T", "rate_hz", "channels", "text_dim", "vide
                  "towers", "class_names", "splits")
 
 
-def write_json_atomically(path: str, content: dict) -> None:
-    temporary = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.partial")
-    with open(temporary, "w", encoding="utf-8") as file:
-        json.dump(content, file, indent=2)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
+def write_json_atomically(path, content: dict) -> None:
+    """`content` as indented JSON at `path` (local or gs://), all or nothing (`paths.atomic_write`)."""
+    paths.atomic_write(path, json.dumps(content, indent=2))
 
 
-def read_json(path: str) -> dict:
+def read_json(path) -> dict:
     try:
-        with open(path, encoding="utf-8") as file:
-            content = json.load(file)
+        content = json.loads(paths.resolve(path).read_text())
     except json.JSONDecodeError as error:
         raise DataError(f"{path}: not valid JSON ({error})") from None
     if not isinstance(content, dict):
@@ -40,8 +35,8 @@ def read_json(path: str) -> dict:
 
 def read_manifest(dataset_dir) -> dict:
     """Loads and checks `<dataset_dir>/manifest.json`; DataError if missing or invalid."""
-    path = os.path.join(os.fspath(dataset_dir), MANIFEST_NAME)
-    if not os.path.isfile(path):
+    path = paths.resolve(dataset_dir) / MANIFEST_NAME
+    if not path.is_file():
         raise DataError(f"{path}: no manifest found; is this a dataset written by "
                         f"primus_jax.data.DatasetWriter?")
     manifest = read_json(path)

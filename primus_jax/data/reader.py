@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
+from primus_jax import paths
 from primus_jax.data.example_codec import decode_example
 from primus_jax.data.manifest import MANIFEST_NAME, read_manifest
 from primus_jax.data.schema import DataError
@@ -16,14 +15,14 @@ class SplitReader:
     """Decodes records of one split by global index (shards concatenated in manifest order)."""
 
     def __init__(self, dataset_dir, split: str):
-        self.dataset_dir = os.fspath(dataset_dir)
+        self.dataset_dir = paths.resolve(dataset_dir)
         self.manifest = read_manifest(self.dataset_dir)
         splits = self.manifest["splits"]
         if split not in splits:
-            raise DataError(f"{os.path.join(self.dataset_dir, MANIFEST_NAME)}: no split "
+            raise DataError(f"{self.dataset_dir / MANIFEST_NAME}: no split "
                             f"'{split}' (splits: {sorted(splits)})")
         shards = splits[split]["shards"]
-        self.files = [os.path.join(self.dataset_dir, entry["file"]) for entry in shards]
+        self.files = [str(self.dataset_dir / entry["file"]) for entry in shards]
         self.starts = np.cumsum([0] + [entry["records"] for entry in shards])
         self.num_records = int(self.starts[-1])
         self._indexes: dict[int, TFRecordIndex] = {}

@@ -8,11 +8,13 @@ TFRecord framing of one record (little-endian)::
 
 from __future__ import annotations
 
-import os
+import io
 import struct
+import threading
 
 import crc32c
 
+from primus_jax import paths
 from primus_jax.data.schema import DataError
 
 _CRC_MASK_DELTA = 0xA282EAD8
@@ -32,23 +34,30 @@ def frame_record(data: bytes) -> bytes:
 
 
 class TFRecordIndex:
-    """Random access to the records of one TFRecord file.
+    """Random access to the records of one TFRecord file, local or gs:// (`primus_jax.paths`).
 
-    The constructor scans the framing once (12-byte headers only, verifying each length CRC)
-    and keeps every record's data offset and length; `read(i)` then fetches record i with
-    one positioned read and verifies its data CRC. A truncated tail or a bad length CRC ends
-    the scan: the records before it stay readable and reading from there on raises DataError.
+    The constructor scans the framing once, reading the file in sequential chunks of
+    `scan_chunk_bytes` and verifying each 12-byte header's length CRC, and keeps every record's
+    data offset and length; `read(i)` then fetches record i with one seek and read and verifies
+    its data CRC. On GCS a read is one ranged request (plus gcsfs's read-ahead), so the scan
+    costs size / scan_chunk_bytes requests, not one per record. A truncated tail or a bad length
+    CRC ends the scan: the records before it stay readable and reading from there on raises
+    DataError. Reads are serialised by a lock, so threads may share an index.
     """
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = os.fspath(path)
-        self._fd = os.open(self.path, os.O_RDONLY)
+    def __init__(self, path, scan_chunk_bytes: int = 4 << 20):
+        resolved = paths.resolve(path)
+        self.path = str(resolved)
+        self._file = resolved.open("rb")
+        self._lock = threading.Lock()
         offsets, lengths = [], []
         self._scan_problem = None
-        size = os.fstat(self._fd).st_size
-        position = 0
+        size = self._file.seek(0, io.SEEK_END)
+        position, chunk_start, chunk = 0, 0, b""
         while position < size:
-            header = os.pread(self._fd, _HEADER.size, position)
+            if position + _HEADER.size > chunk_start + len(chunk):
+                chunk_start, chunk = position, self._read_at(position, max(scan_chunk_bytes, _HEADER.size))
+            header = chunk[position - chunk_start:position - chunk_start + _HEADER.size]
             if len(header) < _HEADER.size:
                 self._scan_problem = (f"file is truncated inside the record header at byte "
                                       f"{position} (file has {size} bytes)")
@@ -68,6 +77,11 @@ class TFRecordIndex:
         self._offsets = offsets
         self._lengths = lengths
 
+    def _read_at(self, position: int, size: int) -> bytes:
+        with self._lock:
+            self._file.seek(position)
+            return self._file.read(size)
+
     def __len__(self) -> int:
         """Number of intact records found by the scan."""
         return len(self._offsets)
@@ -82,16 +96,14 @@ class TFRecordIndex:
                 problem += f" (at record {len(self._offsets)})"
             raise DataError(f"{where}: {problem}")
         length = self._lengths[index]
-        blob = os.pread(self._fd, length + _FOOTER.size, self._offsets[index])
+        blob = self._read_at(self._offsets[index], length + _FOOTER.size)
         data, (stored_crc,) = blob[:length], _FOOTER.unpack(blob[length:])
         if _masked_crc(data) != stored_crc:
             raise DataError(f"{where}: data CRC mismatch (the record is corrupt)")
         return data
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._file.close()
 
     def __enter__(self) -> "TFRecordIndex":
         return self

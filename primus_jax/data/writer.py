@@ -6,12 +6,13 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import re
 from typing import BinaryIO
 
 import numpy as np
+from etils import epath
 
+from primus_jax import paths
 from primus_jax.data.example_codec import encode_example
 from primus_jax.data.manifest import (MANIFEST_KEYS, MANIFEST_NAME, read_json,
                                       write_json_atomically)
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class _OpenShard:
     file: BinaryIO
-    temporary_path: str
+    temporary_path: epath.Path
     records: int = 0
 
 
@@ -39,15 +40,18 @@ class DatasetWriter:
     the block deletes the temporary files and leaves the folder as it was, so a half-written
     shard never appears under its final name. With overwrite=True the previous dataset in
     out_dir stays intact until close(), which replaces it and deletes its stale shards.
+
+    out_dir may be local or gs://bucket/path (`primus_jax.paths`); on GCS a shard is uploaded
+    when it is closed, and publishing it is a server-side copy (`paths.move`).
     """
 
     def __init__(self, out_dir, *, T: int, rate_hz: float, text_dim: int, video_dim: int,
                  towers: dict | None = None, class_names: list[str] | None = None,
                  records_per_shard: int = 4096, overwrite: bool = False,
                  extra: dict | None = None):
-        self.out_dir = os.fspath(out_dir)
-        manifest_path = os.path.join(self.out_dir, MANIFEST_NAME)
-        if os.path.exists(manifest_path) and not overwrite:
+        self.out_dir = paths.resolve(out_dir)
+        manifest_path = self.out_dir / MANIFEST_NAME
+        if manifest_path.exists() and not overwrite:
             raise FileExistsError(f"{manifest_path}: a dataset already exists here; "
                                   f"pass overwrite=True to replace it")
         if T <= 0 or rate_hz <= 0 or text_dim < 0 or video_dim < 0 or records_per_shard <= 0:
@@ -75,7 +79,7 @@ class DatasetWriter:
         self._open: dict[str, _OpenShard] = {}
         self._finished: dict[str, list[tuple[str, int]]] = {}  # split -> [(temp path, records)]
         self._manifest = None
-        os.makedirs(self.out_dir, exist_ok=True)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
 
     def __enter__(self) -> "DatasetWriter":
         return self
@@ -124,8 +128,8 @@ class DatasetWriter:
         self._check(split, window)
         if split not in self._open:
             shard = len(self._finished.setdefault(split, []))
-            temporary = os.path.join(self.out_dir, f".{split}-{shard:05d}.tfrecord.partial")
-            self._open[split] = _OpenShard(open(temporary, "wb"), temporary)
+            temporary = self.out_dir / f".{split}-{shard:05d}.tfrecord.partial"
+            self._open[split] = _OpenShard(temporary.open("wb"), temporary)
         shard = self._open[split]
         shard.file.write(frame_record(encode_example(window)))
         shard.records += 1
@@ -134,8 +138,7 @@ class DatasetWriter:
 
     def _finish_shard(self, split: str) -> None:
         shard = self._open.pop(split)
-        shard.file.flush()
-        os.fsync(shard.file.fileno())
+        paths.flush_durably(shard.file)
         shard.file.close()
         self._finished[split].append((shard.temporary_path, shard.records))
 
@@ -145,20 +148,20 @@ class DatasetWriter:
             return self._manifest
         for split in list(self._open):
             self._finish_shard(split)
-        manifest_path = os.path.join(self.out_dir, MANIFEST_NAME)
+        manifest_path = self.out_dir / MANIFEST_NAME
         previous = {}
-        if os.path.exists(manifest_path):
+        if manifest_path.exists():
             try:
                 previous = read_json(manifest_path)
             except DataError:
                 log.warning("replacing unreadable %s; its shards are left in place", manifest_path)
-            os.remove(manifest_path)  # no manifest at all beats one naming replaced shards
+            manifest_path.unlink()  # no manifest at all beats one naming replaced shards
         splits = {}
         for split, shards in sorted(self._finished.items()):
             entries = []
             for shard, (temporary, records) in enumerate(shards):
                 name = f"{split}-{shard:05d}.tfrecord"
-                os.replace(temporary, os.path.join(self.out_dir, name))
+                paths.move(temporary, self.out_dir / name)
                 entries.append({"file": name, "records": records})
             splits[split] = {"records": sum(e["records"] for e in entries), "shards": entries}
         manifest = {**self._header, "splits": splits, **self._extra}
@@ -166,9 +169,9 @@ class DatasetWriter:
         kept = {e["file"] for info in splits.values() for e in info["shards"]}
         for info in (previous.get("splits") or {}).values():
             for entry in info.get("shards", []):
-                stale = os.path.join(self.out_dir, str(entry.get("file")))
-                if entry.get("file") not in kept and os.path.isfile(stale):
-                    os.remove(stale)
+                stale = self.out_dir / str(entry.get("file"))
+                if entry.get("file") not in kept and stale.is_file():
+                    stale.unlink()
         self._manifest = manifest
         return manifest
 
@@ -178,9 +181,9 @@ class DatasetWriter:
             return
         for shard in self._open.values():
             shard.file.close()
-            os.remove(shard.temporary_path)
+            shard.temporary_path.unlink()
         self._open.clear()
         for shards in self._finished.values():
             for temporary, _ in shards:
-                os.remove(temporary)
+                temporary.unlink()
         self._finished.clear()
