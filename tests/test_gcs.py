@@ -282,3 +282,20 @@ def test_no_credentials_fails_with_one_sentence_without_network(audited_env, tmp
                     "application-default login, set GOOGLE_APPLICATION_CREDENTIALS=key.json, or set "
                     "STORAGE_EMULATOR_HOST for an emulator")
     assert network_log(env) == ""
+
+
+def test_resolve_keeps_gcs_paths_and_makes_local_ones_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert str(paths.resolve("runs/a")) == str(tmp_path / "runs" / "a")
+    assert str(paths.resolve("gs://bucket-1/runs/a/")) == "gs://bucket-1/runs/a"
+    assert paths.is_gcs(paths.resolve("gs://bucket-1/runs/a"))
+    with pytest.raises(paths.PathError, match="not a valid bucket name"):
+        paths.resolve("gs://Bucket/x")
+
+
+def test_demo_refuses_a_gcs_workdir_before_doing_anything():
+    from configs import demo
+    from primus_jax import main
+
+    with pytest.raises(paths.PathError, match="gs://bucket-1/w: the demo's workdir .* is written to local disk only"):
+        main.run(demo.get_config(), "gs://bucket-1/w")
