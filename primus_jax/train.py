@@ -330,7 +330,8 @@ class MetricsLog:
     A GCS object cannot be appended to, so metrics.jsonl is held in memory (the lines an earlier
     run of this workdir wrote, then each new one) and rewritten whole with `paths.atomic_write`:
     the file always holds complete lines, locally and on GCS alike. It is rewritten at most every
-    `flush_every_s` seconds and on close, so a long run does not upload it at every log step.
+    `flush_every_s` seconds, at every checkpoint (so no line a resumed run will not replay is
+    lost to a kill) and on close, so a long run does not upload it at every log step.
     TensorBoard events go through tensorboardX, which writes gs:// itself.
     """
 
@@ -353,17 +354,19 @@ class MetricsLog:
         record = {"step": int(step), "split": split, **{k: float(v) for k, v in metrics.items()}}
         self._text += json.dumps(record) + "\n"
         if time.monotonic() - self._last_flush >= self._flush_every_s:
-            self._flush()
+            self.flush()
         for k, v in metrics.items():
             self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
 
-    def _flush(self) -> None:
-        paths.atomic_write(self._path, self._text)
-        self._last_flush = time.monotonic()
+    def flush(self) -> None:
+        """Rewrite metrics.jsonl with every line so far."""
+        if self.enabled:
+            paths.atomic_write(self._path, self._text)
+            self._last_flush = time.monotonic()
 
     def close(self) -> None:
         if self.enabled:
-            self._flush()
+            self.flush()
             self._tb.close()
 
 
@@ -489,6 +492,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if stop.requested or val_now or step % config.train.checkpoint_every == 0:
                 checkpointer.save(step, state, iterator.get_state(),
                                   val_loss=last_val["loss"] if (val_now and last_val) else None)
+                metrics_log.flush()  # a resumed run replays only the steps after this checkpoint
             if stop.requested:
                 preempted = True
                 break
