@@ -24,6 +24,7 @@ setup(
         "transformers>=4.57,<5",
         "crc32c>=2.3",
         "protobuf>=4.21",
+        "grain>=0.2.18,<0.3",
         "av>=12",
         "seglearn>=1.2.5",
         "aeon>=1.0",

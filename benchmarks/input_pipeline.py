@@ -1,20 +1,29 @@
-"""Throughput of the input pipeline: TFRecord shards -> device arrays, against the train step's need.
+"""Throughput of the input pipeline in steady state, for several worker counts, and per-core decoding.
 
-    python -m benchmarks.input_pipeline [--records 8192 --batch-size 64 --step-samples-per-s R]
+    python -m benchmarks.input_pipeline [--records 4096 --batch-size 256 --workers 0,1,2
+                                         --prefetch 2 --batches 64 --step-samples-per-s R]
 
 Writes a temporary dataset of `--records` synthetic windows (T=250, 512-d text and video
-embeddings, every third without video) with `primus_jax.data.DatasetWriter`, then reads it with
-`data.BatchIterator` (shuffled, prefetching) and puts every batch on the devices with
-`train.prepare_batch`, blocking until the arrays are there. One untimed batch starts the reader.
+embeddings, every third without video) with `primus_jax.data.DatasetWriter`. Then:
 
-Reported: records/s and batches/s from shards to device arrays, the write rate, and
-ratio = pipeline records/s / the train step's samples/s. The step's rate is
-`--step-samples-per-s` when given, else measured here with `benchmarks.train_step` at the same
-batch size (a few steps). The last line is a JSON object.
+1. Decoding per core: the records of the split, in shuffled batches, decoded in this one
+   process (workers=0, prefetch=0) by `BatchIterator`, against the per-record protobuf
+   decoding that the pipeline used before (`np.array` over protobuf's repeated fields, then
+   `np.stack`) over the same batches; `--decode-rounds` alternating rounds, the median ratio.
+2. The pipeline for each `--workers` count: `BatchIterator` (shuffled, endless epochs, the
+   given prefetch) -> `train.prepare_batch` on the devices, blocking on each batch. The first
+   `--warmup` batches (worker start-up, imports) are not timed; the next `--batches` are, which
+   must be at least 10x the batches held in buffers (prefetch x (workers + 1)), so that the
+   timed batches are decoded while the clock runs.
+
+Reported: records/s for each, the write rate, and ratio = pipeline records/s / the train
+step's samples/s (`--step-samples-per-s`, else measured here with `benchmarks.train_step` at
+the same batch size). The last line is a JSON object.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -28,10 +37,13 @@ EMBEDDING_DIM = 512
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.input_pipeline",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--records", type=int, default=8192, help="windows in the temporary dataset")
-    parser.add_argument("--batch-size", type=int, default=64, help="global batch size")
-    parser.add_argument("--epochs", type=int, default=1, help="passes over the dataset to time")
+    parser.add_argument("--records", type=int, default=4096, help="windows in the temporary dataset")
+    parser.add_argument("--batch-size", type=int, default=256, help="global batch size")
+    parser.add_argument("--workers", default="0,1,2", help="comma-separated worker counts to time")
     parser.add_argument("--prefetch", type=int, default=2, help="BatchIterator prefetch depth")
+    parser.add_argument("--warmup", type=int, default=4, help="untimed batches before timing")
+    parser.add_argument("--batches", type=int, default=64, help="timed batches per worker count")
+    parser.add_argument("--decode-rounds", type=int, default=3, help="rounds of the decoding comparison")
     parser.add_argument("--records-per-shard", type=int, default=2048)
     parser.add_argument("--step-samples-per-s", type=float, default=0.0,
                         help="the train step's samples/s to compare with; 0 measures it here")
@@ -40,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def write_synthetic_dataset(out_dir: str, records: int, records_per_shard: int, seed: int = 0) -> float:
+def write_synthetic_dataset(out_dir: str, records: int, records_per_shard: int, seed: int = 0,
+                            window_length: int = WINDOW_LENGTH) -> float:
     """Writes `records` windows into split 'train' of out_dir; returns seconds taken."""
     import numpy as np
 
@@ -48,10 +61,10 @@ def write_synthetic_dataset(out_dir: str, records: int, records_per_shard: int, 
 
     rng = np.random.default_rng(seed)
     start = time.perf_counter()
-    with data.DatasetWriter(out_dir, T=WINDOW_LENGTH, rate_hz=50.0, text_dim=EMBEDDING_DIM,
+    with data.DatasetWriter(out_dir, T=window_length, rate_hz=50.0, text_dim=EMBEDDING_DIM,
                             video_dim=EMBEDDING_DIM, records_per_shard=records_per_shard) as writer:
         for i in range(records):
-            imu = rng.standard_normal((WINDOW_LENGTH, 6)).astype(np.float32)
+            imu = rng.standard_normal((window_length, 6)).astype(np.float32)
             imu[:, 2] += 9.81
             writer.add("train", data.Window(
                 imu=imu, rate_hz=50.0, text=f"synthetic window {i}",
@@ -61,30 +74,60 @@ def write_synthetic_dataset(out_dir: str, records: int, records_per_shard: int, 
     return time.perf_counter() - start
 
 
-def read_to_devices(dataset_dir: str, batch_size: int, epochs: int, prefetch: int) -> tuple[int, int, float]:
-    """(records, batches, seconds) of reading `epochs` passes through prepare_batch onto the devices."""
+def protobuf_decoding_rate(dataset_dir: str, batch_size: int) -> float:
+    """records/s of the previous decoding: one protobuf parse per record, np.array over its
+    repeated fields, np.stack per batch (the same shuffled batches as BatchIterator's epoch 0)."""
+    import numpy as np
+
+    from primus_jax.data import example_codec, reader
+
+    split = reader.SplitReader(dataset_dir, "train")
+    manifest = split.manifest
+    order = np.random.default_rng([0, 0]).permutation(split.num_records)
+    batches = split.num_records // batch_size
+    try:
+        start = time.perf_counter()
+        for k in range(batches):
+            records = []
+            for record in order[k * batch_size:(k + 1) * batch_size]:
+                raw, shard, local = split._raw(int(record))
+                records.append(example_codec._decode_with_protobuf(
+                    raw, T=manifest["T"], text_dim=manifest["text_dim"],
+                    video_dim=manifest["video_dim"], where=f"{split.files[shard]}: record {local}"))
+            reader.stack_records(records, reader.BATCH_FIELDS)
+        return batches * batch_size / (time.perf_counter() - start)
+    finally:
+        split.close()
+
+
+def pipeline_decoding_rate(dataset_dir: str, batch_size: int) -> float:
+    """records/s of BatchIterator decoding one epoch in this process (workers=0, prefetch=0)."""
+    from primus_jax import data
+
+    with data.BatchIterator(dataset_dir, "train", batch_size, seed=0, process_index=0,
+                            process_count=1, num_epochs=1, prefetch=0, workers=0) as iterator:
+        start = time.perf_counter()
+        records = sum(len(batch["label"]) for batch in iterator)
+        return records / (time.perf_counter() - start)
+
+
+def read_to_devices(dataset_dir: str, batch_size: int, workers: int, prefetch: int, warmup: int,
+                    batches: int) -> float:
+    """records/s of `batches` batches through prepare_batch onto the devices, after `warmup`."""
     import jax
 
     from primus_jax import data, train
 
     dims = train.DataDims.from_manifest(data.read_manifest(dataset_dir))
     mesh = train.make_mesh()
-    iterator = data.BatchIterator(dataset_dir, "train", batch_size, seed=0, shuffle=True,
-                                  num_epochs=epochs, prefetch=prefetch)
-    try:
-        total_batches = iterator.steps_per_epoch * epochs
-        if total_batches < 2:
-            raise ValueError(f"--records x --epochs must give at least 2 batches of {batch_size}")
-        jax.block_until_ready(train.prepare_batch(next(iterator), dims, EMBEDDING_DIM, mesh))
+    with data.BatchIterator(dataset_dir, "train", batch_size, seed=0, shuffle=True,
+                            prefetch=prefetch, workers=workers) as iterator:
+        for _ in range(warmup):
+            jax.block_until_ready(train.prepare_batch(next(iterator), dims, EMBEDDING_DIM, mesh))
         start = time.perf_counter()
-        batches = 0
-        for local in iterator:
-            jax.block_until_ready(train.prepare_batch(local, dims, EMBEDDING_DIM, mesh))
-            batches += 1
-        seconds = time.perf_counter() - start
-    finally:
-        iterator.close()
-    return batches * batch_size, batches, seconds
+        for _ in range(batches):
+            jax.block_until_ready(train.prepare_batch(next(iterator), dims, EMBEDDING_DIM, mesh))
+        return batches * batch_size / (time.perf_counter() - start)
 
 
 def measured_step_rate(batch_size: int, steps: int) -> float:
@@ -96,38 +139,65 @@ def measured_step_rate(batch_size: int, steps: int) -> float:
 
 
 def run(args: argparse.Namespace) -> dict:
-    if args.records < 1 or args.batch_size < 1 or args.epochs < 1:
-        raise ValueError("--records, --batch-size and --epochs must be positive")
+    try:
+        worker_counts = [int(w) for w in args.workers.split(",")]
+    except ValueError:
+        raise ValueError(f"--workers {args.workers!r} must be comma-separated integers") from None
+    if min([args.records, args.batch_size, args.batches, args.decode_rounds] + [1 + w for w in worker_counts]) < 1:
+        raise ValueError("--records, --batch-size, --batches and --decode-rounds must be positive, "
+                         "--workers not negative")
+    if args.records < args.batch_size:
+        raise ValueError(f"--records {args.records} must hold one batch of {args.batch_size}")
+    for workers in worker_counts:
+        buffered = args.prefetch * (workers + 1)
+        if args.batches < 10 * buffered:
+            raise ValueError(f"--batches {args.batches} must be at least 10x the {buffered} batches "
+                             f"buffered with prefetch {args.prefetch} and {workers} workers")
     with tempfile.TemporaryDirectory(prefix="primus_input_bench_") as dataset_dir:
         write_s = write_synthetic_dataset(dataset_dir, args.records, args.records_per_shard)
-        records, batches, seconds = read_to_devices(dataset_dir, args.batch_size, args.epochs, args.prefetch)
+        ratios, old_rates, new_rates = [], [], []
+        for _ in range(args.decode_rounds):
+            old_rates.append(protobuf_decoding_rate(dataset_dir, args.batch_size))
+            new_rates.append(pipeline_decoding_rate(dataset_dir, args.batch_size))
+            ratios.append(new_rates[-1] / old_rates[-1])
+        pipeline = {str(w): round(read_to_devices(dataset_dir, args.batch_size, w, args.prefetch,
+                                                  args.warmup, args.batches), 1)
+                    for w in worker_counts}
     step_rate = args.step_samples_per_s or measured_step_rate(args.batch_size, args.step_steps)
-    records_per_s = records / seconds
     import jax
 
     return {
         "benchmark": "input_pipeline",
         "records": args.records,
         "batch_size": args.batch_size,
+        "prefetch": args.prefetch,
+        "timed_batches": args.batches,
         "devices": jax.device_count(),
         "write_records_per_s": round(args.records / write_s, 1),
-        "records_per_s": round(records_per_s, 1),
-        "batches_per_s": round(batches / seconds, 2),
+        "decode_protobuf_records_per_s": round(statistics.median(old_rates), 1),
+        "decode_records_per_s": round(statistics.median(new_rates), 1),
+        "decode_speedup": round(statistics.median(ratios), 2),
+        "records_per_s_by_workers": pipeline,
         "step_samples_per_s": round(step_rate, 2),
         "step_rate_source": "given" if args.step_samples_per_s else "measured",
-        "ratio_to_step": round(records_per_s / step_rate, 2),
+        "ratio_to_step_by_workers": {w: round(rate / step_rate, 2) for w, rate in pipeline.items()},
         **common.machine_description(),
     }
 
 
 def summary(result: dict) -> list[str]:
-    return [
+    lines = [
         f"write: {result['write_records_per_s']:.0f} records/s ({result['records']} records)",
-        f"read to {result['devices']} device(s): {result['records_per_s']:.0f} records/s, "
-        f"{result['batches_per_s']:.1f} batches/s of {result['batch_size']}",
-        f"train step ({result['step_rate_source']}): {result['step_samples_per_s']:.1f} samples/s; "
-        f"pipeline / step = {result['ratio_to_step']:.1f}x",
+        f"decoding in one process: {result['decode_records_per_s']:.0f} records/s, before (protobuf "
+        f"fields): {result['decode_protobuf_records_per_s']:.0f}; speed-up {result['decode_speedup']:.2f}x",
     ]
+    for workers, rate in result["records_per_s_by_workers"].items():
+        lines.append(f"workers={workers}: {rate:.0f} records/s to {result['devices']} device(s) "
+                     f"(B={result['batch_size']}, prefetch {result['prefetch']}, "
+                     f"{result['timed_batches']} timed batches); "
+                     f"/ step = {result['ratio_to_step_by_workers'][workers]:.2f}")
+    lines.append(f"train step ({result['step_rate_source']}): {result['step_samples_per_s']:.1f} samples/s")
+    return lines
 
 
 def main(argv=None) -> int:

@@ -19,7 +19,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.train_split = "train"
     config.data.val_split = "val"  # "" disables validation
     config.data.shuffle = True
-    config.data.prefetch = 2
+    config.data.prefetch = 2  # batches decoded ahead, per worker and in the main process
+    config.data.workers = -1  # decoding processes; -1: the host's usable cores minus one, 0: none
     config.data.skip_corrupt = False  # True: skip and count corrupt records instead of stopping
 
     # Encoder (SPEC §1). The window length T and rate come from the dataset manifest.

@@ -284,6 +284,9 @@ def validate_config(config: ml_collections.ConfigDict, dims: DataDims, num_devic
         problems.append(f"queue.size={config.queue.size} must be at least train.global_batch_size={g}")
     if config.optim.learning_rate <= 0:
         problems.append(f"optim.learning_rate must be positive, got {config.optim.learning_rate}")
+    if config.data.get("workers", -1) < -1 or config.data.prefetch < 0:
+        problems.append(f"data.workers (-1: automatic) and data.prefetch must not be negative, got "
+                        f"{config.data.get('workers', -1)} and {config.data.prefetch}")
     min_t = models.min_input_length()
     if dims.window_length < min_t:
         problems.append(
@@ -294,6 +297,12 @@ def validate_config(config: ml_collections.ConfigDict, dims: DataDims, num_devic
                 f"model.mm_dim={config.model.mm_dim} must equal the dataset's {name} embedding dimension {dim}")
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def data_workers(config: ml_collections.ConfigDict) -> int:
+    """config.data.workers, with -1 resolved to the host's usable cores minus one."""
+    workers = config.data.get("workers", -1)
+    return data.default_workers() if workers == -1 else workers
 
 
 def check_splits(config: ml_collections.ConfigDict, manifest: dict) -> None:
@@ -392,7 +401,8 @@ def evaluate_loss(eval_step, state, config, dims: DataDims, mesh: Mesh) -> dict 
         return None
     iterator = data.BatchIterator(
         config.data.dir, split, config.train.global_batch_size, shuffle=False, num_epochs=1,
-        drop_remainder=True, prefetch=config.data.prefetch, skip_corrupt=config.data.skip_corrupt)
+        drop_remainder=True, prefetch=config.data.prefetch, workers=data_workers(config),
+        skip_corrupt=config.data.skip_corrupt)
     totals, count = {}, 0
     try:
         for local in iterator:
@@ -437,7 +447,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     iterator = data.BatchIterator(
         config.data.dir, config.data.train_split, config.train.global_batch_size, seed=config.seed,
-        shuffle=config.data.shuffle, prefetch=config.data.prefetch, skip_corrupt=config.data.skip_corrupt)
+        shuffle=config.data.shuffle, prefetch=config.data.prefetch, workers=data_workers(config),
+        skip_corrupt=config.data.skip_corrupt)
     num_steps = config.train.num_steps or config.train.num_epochs * iterator.steps_per_epoch
     if num_steps <= 0:
         raise ConfigError(

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from benchmarks import data_prep, input_pipeline, peak_memory, train_step
+from benchmarks import data_prep, input_pipeline, main_loop, peak_memory, train_step
 
 
 def final_json(capsys) -> dict:
@@ -34,14 +34,37 @@ def test_train_step_benchmark_rejects_a_bad_override(capsys):
     assert "objective.no_such" in capsys.readouterr().err
 
 
-def test_input_pipeline_benchmark_reports_ratio_to_given_step_rate(capsys):
+def test_input_pipeline_benchmark_reports_steady_state_rates_per_worker_count(capsys):
     code = input_pipeline.main(["--records", "64", "--batch-size", "8", "--records-per-shard", "20",
-                                "--step-samples-per-s", "10"])
+                                "--step-samples-per-s", "10", "--workers", "0,1", "--prefetch", "1",
+                                "--warmup", "1", "--batches", "20", "--decode-rounds", "1"])
     assert code == 0
     result = final_json(capsys)
-    assert result["step_rate_source"] == "given"
-    assert result["records_per_s"] > 0 and result["batches_per_s"] > 0
-    assert result["ratio_to_step"] == pytest.approx(result["records_per_s"] / 10.0, rel=1e-2)
+    assert result["step_rate_source"] == "given" and result["timed_batches"] == 20
+    assert sorted(result["records_per_s_by_workers"]) == ["0", "1"]
+    for workers, rate in result["records_per_s_by_workers"].items():
+        assert rate > 0
+        assert result["ratio_to_step_by_workers"][workers] == pytest.approx(rate / 10.0, rel=1e-2)
+    assert result["decode_speedup"] == pytest.approx(
+        result["decode_records_per_s"] / result["decode_protobuf_records_per_s"], rel=1e-2)
+
+
+def test_input_pipeline_benchmark_refuses_too_few_timed_batches(capsys):
+    assert input_pipeline.main(["--records", "64", "--batch-size", "8", "--workers", "1",
+                                "--prefetch", "2", "--batches", "30"]) == 1
+    assert "at least 10x the 4 batches buffered" in capsys.readouterr().err
+
+
+def test_main_loop_benchmark_compares_the_loop_with_its_step(capsys):
+    code = main_loop.main(["--records", "48", "--batch-size", "8", "--steps", "6", "--log-every", "2",
+                           "--workers", "0", "--prefetch", "1", "--hidden-dim", "32", "--window-length", "128",
+                           "--queue-size", "64", "--step-steps", "2"])
+    assert code == 0
+    result = final_json(capsys)
+    assert result["steps"] == 6 and result["timed_loop_steps"] == 4 and result["workers"] == 0
+    assert result["loop_samples_per_s"] > 0 and result["step_samples_per_s"] > 0
+    assert result["ratio"] == pytest.approx(
+        result["loop_samples_per_s"] / result["step_samples_per_s"], rel=1e-2)
 
 
 def test_data_prep_benchmark_measures_each_n_in_its_own_process(capsys):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from primus_jax import data
+from primus_jax.data import example_codec
 
 T, TEXT_DIM, VIDEO_DIM, RATE = 8, 4, 3, 50.0
 CLASSES = ["walk", "run", "sit"]
@@ -94,6 +95,39 @@ def test_encode_decode_example_round_trip():
     assert decoded["rate_hz"] == RATE and decoded["start_s"] == pytest.approx(2.0)
 
 
+def assert_same_decoded(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for name in a:
+        if isinstance(a[name], np.ndarray):
+            assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
+            np.testing.assert_array_equal(a[name], b[name])
+        else:
+            assert (a[name], type(a[name])) == (b[name], type(b[name])), name
+
+
+@pytest.mark.parametrize("dims", [(TEXT_DIM, VIDEO_DIM), (TEXT_DIM, 0), (0, VIDEO_DIM)])
+def test_fast_decoding_equals_protobuf_decoding(dims):
+    """Canonical records take the regex + frombuffer path, others protobuf; both agree."""
+    text_dim, video_dim = dims
+    decoder = example_codec.ExampleDecoder(T, text_dim, video_dim)
+    for i in range(40):
+        window = make_window(i)
+        window.label = [-1, 0, 2, 127, 128, 70000][i % 6]
+        window.text = "long narration " * (i % 9)  # up to 120 bytes: past the fast limit
+        window.text_emb = window.text_emb if text_dim else None
+        window.video_emb = window.video_emb if video_dim else None
+        raw = data.encode_example(window)
+        takes_fast_path = -1 <= window.label <= 127 and len(window.text) <= 100
+        assert (decoder.training_fields(raw) is not None) == takes_fast_path, i
+        expected = example_codec._decode_with_protobuf(raw, T=T, text_dim=text_dim,
+                                                       video_dim=video_dim)
+        assert_same_decoded(decoder.decode(raw), expected)
+        reordered = data.Example.FromString(raw).SerializeToString()  # protobuf's own order
+        assert decoder.training_fields(reordered) is None
+        assert_same_decoded(decoder.decode(reordered), expected)
+        assert expected["label"] == window.label and expected["text"] == window.text
+
+
 def test_load_split_round_trip_every_field(dataset):
     split = data.load_split(dataset, "train")
     assert split["imu"].shape == (NUM_TRAIN, T, 6) and split["imu"].dtype == np.float32
@@ -169,6 +203,13 @@ def test_tf_data_reads_our_shards(dataset, tmp_path):
             writer.write(raw)
     with data.TFRecordIndex(copy) as theirs:
         assert [theirs.read(i) for i in range(len(theirs))] == originals
+    # Examples serialized by TensorFlow itself (its own field order: the protobuf path).
+    for offset, raw in enumerate(originals):
+        reserialized = tf.train.Example.FromString(raw).SerializeToString()
+        assert reserialized != raw
+        decoded = data.decode_example(reserialized, T=T, text_dim=TEXT_DIM, video_dim=VIDEO_DIM)
+        assert_same_decoded(decoded, data.decode_example(raw, T=T, text_dim=TEXT_DIM,
+                                                         video_dim=VIDEO_DIM))
 
 
 def test_writer_exception_leaves_nothing(tmp_path):
@@ -342,12 +383,23 @@ def nan_imu(path, index):
     rewrite_record(path, index, mutate_feature(poison))
 
 
+def nan_imu_in_place(path, index):
+    """NaN in the bytes of a canonical record (the fast decoding path), framing kept valid."""
+    def poison(raw):
+        value = np.asarray(make_window(index).imu, "<f4").reshape(-1)[9:10].tobytes()
+        assert raw.count(value) == 1
+        return raw.replace(value, np.array([np.nan], "<f4").tobytes())
+
+    rewrite_record(path, index, poison)
+
+
 CORRUPTIONS = {  # name: (corrupt(path, index), record index, words in the message)
     "truncated": (truncate, 5, "truncated"),
     "flipped_byte": (flip_byte, 3, "data CRC mismatch"),
     "wrong_type": (wrong_type, 3, "field 'label' is a float_list"),
     "wrong_imu_length": (short_imu, 3, "field 'imu' has 47 values, expected 48"),
     "nan_in_imu": (nan_imu, 3, "field 'imu' holds NaN"),
+    "nan_in_canonical_imu": (nan_imu_in_place, 3, "field 'imu' holds NaN"),
 }
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import bisect
+
 import numpy as np
 
 from primus_jax import paths
-from primus_jax.data.example_codec import decode_example
+from primus_jax.data.example_codec import ExampleDecoder
 from primus_jax.data.manifest import MANIFEST_NAME, read_manifest
-from primus_jax.data.schema import DataError
+from primus_jax.data.schema import CHANNELS, DataError
 from primus_jax.data.tfrecord import TFRecordIndex
 
 
@@ -23,21 +25,52 @@ class SplitReader:
                             f"'{split}' (splits: {sorted(splits)})")
         shards = splits[split]["shards"]
         self.files = [str(self.dataset_dir / entry["file"]) for entry in shards]
-        self.starts = np.cumsum([0] + [entry["records"] for entry in shards])
-        self.num_records = int(self.starts[-1])
+        self._starts = [0]
+        for entry in shards:
+            self._starts.append(self._starts[-1] + entry["records"])
+        self.num_records = self._starts[-1]
         self._indexes: dict[int, TFRecordIndex] = {}
+        self.decoder = ExampleDecoder.for_shape(self.manifest["T"], self.manifest["text_dim"],
+                                                 self.manifest["video_dim"])
+
+    def _raw(self, record: int) -> tuple[bytes, int, int]:
+        """(record bytes, shard, index in the shard) of the record at global index `record`."""
+        shard = bisect.bisect_right(self._starts, record) - 1
+        if shard not in self._indexes:
+            self._indexes[shard] = TFRecordIndex(self.files[shard])
+        local = record - self._starts[shard]
+        return self._indexes[shard].read(local), shard, local
 
     def decode(self, record: int) -> dict:
         """The decoded record at global index `record`; DataError naming file and index."""
-        shard = int(np.searchsorted(self.starts, record, side="right")) - 1
-        if shard not in self._indexes:
-            self._indexes[shard] = TFRecordIndex(self.files[shard])
-        local = record - int(self.starts[shard])
-        raw = self._indexes[shard].read(local)
-        manifest = self.manifest
-        return decode_example(raw, T=manifest["T"], text_dim=manifest["text_dim"],
-                              video_dim=manifest["video_dim"],
-                              where=f"{self.files[shard]}: record {local}")
+        raw, shard, local = self._raw(record)
+        return self.decoder.decode(raw, f"{self.files[shard]}: record {local}")
+
+    def training_fields(self, record: int) -> tuple:
+        """ExampleDecoder.training_fields of the record; on its fast path NaN/inf in the floats
+        is left to the caller's check over the assembled batch."""
+        raw, shard, local = self._raw(record)
+        fields = self.decoder.training_fields(raw)
+        if fields is None:
+            where = f"{self.files[shard]}: record {local}"
+            fields = self.decoder.training_fields_of(self.decoder.decode(raw, where))
+        return fields
+
+    def assemble_batch(self, rows: list[tuple]) -> dict:
+        """BATCH_FIELDS arrays of n records from their `training_fields` rows."""
+        n, manifest = len(rows), self.manifest
+        imu, text_emb, video_emb, has_text, has_video, label = zip(*rows) if rows else [()] * 6
+
+        def floats(parts, shape):
+            # a bytearray is writable, so the array needs no second copy
+            return np.frombuffer(bytearray().join(parts), "<f4").reshape(n, *shape)
+
+        return {"imu": floats(imu, (manifest["T"], CHANNELS)),
+                "text_emb": floats(text_emb, (manifest["text_dim"],)),
+                "has_text": np.array(has_text, bool).reshape(n),
+                "video_emb": floats(video_emb, (manifest["video_dim"],)),
+                "has_video": np.array(has_video, bool).reshape(n),
+                "label": np.array(label, np.int32).reshape(n)}
 
     def close(self) -> None:
         for index in self._indexes.values():

@@ -88,18 +88,18 @@ class TFRecordIndex:
 
     def read(self, index: int) -> bytes:
         """The data of record `index`; DataError if it is missing, truncated or fails its CRC."""
-        where = f"{self.path}: record {index}"
         if index >= len(self._offsets):
             problem = self._scan_problem or (
                 f"the file holds only {len(self._offsets)} records")
             if self._scan_problem and index > len(self._offsets):
                 problem += f" (at record {len(self._offsets)})"
-            raise DataError(f"{where}: {problem}")
+            raise DataError(f"{self.path}: record {index}: {problem}")
         length = self._lengths[index]
         blob = self._read_at(self._offsets[index], length + _FOOTER.size)
         data, (stored_crc,) = blob[:length], _FOOTER.unpack(blob[length:])
         if _masked_crc(data) != stored_crc:
-            raise DataError(f"{where}: data CRC mismatch (the record is corrupt)")
+            raise DataError(f"{self.path}: record {index}: data CRC mismatch (the record is "
+                            f"corrupt)")
         return data
 
     def close(self) -> None:
