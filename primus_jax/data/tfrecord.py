@@ -74,6 +74,10 @@ class TFRecordIndex:
 
     def read(self, index: int) -> bytes:
         """The data of record `index`; DataError if it is missing, truncated or fails its CRC."""
+        return bytes(self.read_view(index))
+
+    def read_view(self, index: int) -> memoryview:
+        """`read` without copying the data out of the positioned read's buffer."""
         if index >= len(self._offsets):
             problem = self._scan_problem or (
                 f"the file holds only {len(self._offsets)} records")
@@ -82,8 +86,8 @@ class TFRecordIndex:
             raise DataError(f"{self.path}: record {index}: {problem}")
         length = self._lengths[index]
         blob = os.pread(self._fd, length + _FOOTER.size, self._offsets[index])
-        data, (stored_crc,) = blob[:length], _FOOTER.unpack(blob[length:])
-        if _masked_crc(data) != stored_crc:
+        data = memoryview(blob)[:length]
+        if _masked_crc(data) != _FOOTER.unpack_from(blob, length)[0]:
             raise DataError(f"{self.path}: record {index}: data CRC mismatch (the record is "
                             f"corrupt)")
         return data
