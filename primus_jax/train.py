@@ -401,7 +401,7 @@ def evaluate_loss(eval_step, state, config, dims: DataDims, mesh: Mesh) -> dict 
         return None
     iterator = data.BatchIterator(
         config.data.dir, split, config.train.global_batch_size, shuffle=False, num_epochs=1,
-        drop_remainder=True, prefetch=config.data.prefetch, workers=data_workers(config),
+        drop_remainder=True, prefetch=config.data.prefetch, workers=0,  # small, read now and then
         skip_corrupt=config.data.skip_corrupt)
     totals, count = {}, 0
     try:

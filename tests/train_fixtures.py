@@ -42,6 +42,7 @@ def tiny_values(data_dir: str, **extra) -> dict:
     """Config fields that shrink configs/default.py to a model that trains in seconds."""
     values = {
         "data.dir": data_dir, "data.prefetch": 1,
+        "data.workers": 1,  # one real decoding process, the same on every host (default: cores - 1)
         "model.hidden_dim": 32, "model.conv_channels": 8, "model.ssl_dim": TINY_DIM, "model.mm_dim": TINY_DIM,
         "queue.size": 32, "train.global_batch_size": 8, "train.num_steps": 6, "train.log_every": 1,
         "train.eval_every": 3, "train.checkpoint_every": 1, "optim.learning_rate": 1e-3,

@@ -147,7 +147,7 @@ class LocalBatchDecoder:
 
     def _decode_batch(self, epoch: int, step: int) -> tuple[dict, int]:
         order = self._epoch_order(epoch)
-        records = [int(order[position]) for position in self._local_positions(step)]
+        records = order[self._local_positions(step)].tolist()
         rows, skipped = [], 0
         for row, record in enumerate(records):
             fields = self._read_valid(self.reader.training_fields, record)

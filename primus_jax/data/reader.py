@@ -33,13 +33,13 @@ class SplitReader:
         self.decoder = ExampleDecoder.for_shape(self.manifest["T"], self.manifest["text_dim"],
                                                  self.manifest["video_dim"])
 
-    def _raw(self, record: int) -> tuple[bytes, int, int]:
+    def _raw(self, record: int) -> tuple[memoryview, int, int]:
         """(record bytes, shard, index in the shard) of the record at global index `record`."""
         shard = bisect.bisect_right(self._starts, record) - 1
         if shard not in self._indexes:
             self._indexes[shard] = TFRecordIndex(self.files[shard])
         local = record - self._starts[shard]
-        return self._indexes[shard].read(local), shard, local
+        return self._indexes[shard].read_view(local), shard, local
 
     def decode(self, record: int) -> dict:
         """The decoded record at global index `record`; DataError naming file and index."""

@@ -9,6 +9,7 @@ TFRecord framing of one record (little-endian)::
 from __future__ import annotations
 
 import io
+import os
 import struct
 import threading
 
@@ -38,11 +39,12 @@ class TFRecordIndex:
 
     The constructor scans the framing once, reading the file in sequential chunks of
     `scan_chunk_bytes` and verifying each 12-byte header's length CRC, and keeps every record's
-    data offset and length; `read(i)` then fetches record i with one seek and read and verifies
-    its data CRC. On GCS a read is one ranged request (plus gcsfs's read-ahead), so the scan
-    costs size / scan_chunk_bytes requests, not one per record. A truncated tail or a bad length
-    CRC ends the scan: the records before it stay readable and reading from there on raises
-    DataError. Reads are serialised by a lock, so threads may share an index.
+    data offset and length; `read(i)` then fetches record i with one positioned read and
+    verifies its data CRC. The file is opened through epath; a local file is then read with
+    os.pread, a gs:// file with seek and read under a lock (threads may share an index either
+    way). On GCS a read is one ranged request (plus gcsfs's read-ahead), so the scan costs
+    size / scan_chunk_bytes requests, not one per record. A truncated tail or a bad length CRC
+    ends the scan: the records before it stay readable and reading from there on raises DataError.
     """
 
     def __init__(self, path, scan_chunk_bytes: int = 4 << 20):
@@ -50,6 +52,10 @@ class TFRecordIndex:
         self.path = str(resolved)
         self._file = resolved.open("rb")
         self._lock = threading.Lock()
+        try:
+            self._fd = self._file.fileno()
+        except (OSError, ValueError):  # a gs:// file has no descriptor (io.UnsupportedOperation)
+            self._fd = None
         offsets, lengths = [], []
         self._scan_problem = None
         size = self._file.seek(0, io.SEEK_END)
@@ -78,6 +84,10 @@ class TFRecordIndex:
         self._lengths = lengths
 
     def _read_at(self, position: int, size: int) -> bytes:
+        """`size` bytes from `position`: one os.pread for a local file (no lock, about half the
+        time of a seek and a read here), a seek and a read under the lock for a gs:// file."""
+        if self._fd is not None:
+            return os.pread(self._fd, size, position)
         with self._lock:
             self._file.seek(position)
             return self._file.read(size)
@@ -88,6 +98,10 @@ class TFRecordIndex:
 
     def read(self, index: int) -> bytes:
         """The data of record `index`; DataError if it is missing, truncated or fails its CRC."""
+        return bytes(self.read_view(index))
+
+    def read_view(self, index: int) -> memoryview:
+        """`read` without copying the data out of the positioned read's buffer."""
         if index >= len(self._offsets):
             problem = self._scan_problem or (
                 f"the file holds only {len(self._offsets)} records")
@@ -96,8 +110,8 @@ class TFRecordIndex:
             raise DataError(f"{self.path}: record {index}: {problem}")
         length = self._lengths[index]
         blob = self._read_at(self._offsets[index], length + _FOOTER.size)
-        data, (stored_crc,) = blob[:length], _FOOTER.unpack(blob[length:])
-        if _masked_crc(data) != stored_crc:
+        data = memoryview(blob)[:length]
+        if _masked_crc(data) != _FOOTER.unpack_from(blob, length)[0]:
             raise DataError(f"{self.path}: record {index}: data CRC mismatch (the record is "
                             f"corrupt)")
         return data
