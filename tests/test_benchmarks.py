@@ -15,23 +15,49 @@ def final_json(capsys) -> dict:
     return json.loads(lines[-1])
 
 
-def test_train_step_benchmark_reports_rates_and_flops(capsys):
+PEER_SCRIPT = """
+import argparse, json
+parser = argparse.ArgumentParser()
+parser.add_argument("--batch-size", type=int)
+parser.add_argument("--steps", type=int)
+parser.add_argument("--device")
+parser.add_argument("--amp", action="store_true")
+args = parser.parse_args()
+print("peer log line")
+print(json.dumps({"batch_size": args.batch_size, "steps": args.steps, "device": args.device, "amp": args.amp,
+                  "samples_per_s": 4.0}))
+"""
+
+
+def test_train_step_benchmark_reports_rates_flops_peaks_and_the_peer(capsys, tmp_path):
+    peer = tmp_path / "peer_step.py"
+    peer.write_text(PEER_SCRIPT)
     code = train_step.main([
         "--batch-size", "8", "--steps", "2", "--hidden-dim", "32", "--queue-size", "64",
-        "--window-length", "128", "--matmul-size", "64"])
+        "--window-length", "128", "--matmul-size", "64", "--matmul-precision", "highest",
+        "--torch-peer", str(peer), "--torch-peer-steps", "3"])
     assert code == 0
     result = final_json(capsys)
-    for field in ("samples_per_s", "gflops_per_s", "matmul_ratio", "batch_size", "devices"):
-        assert field in result
-    assert result["batch_size"] == 8 and result["devices"] == 4
+    assert result["batch_size"] == 8 and result["devices"] == 4 and result["matmul_precision"] == "highest"
     assert result["samples_per_s"] > 0 and result["step_gflop"] > 0 and result["compile_s"] > 0
-    assert result["matmul_ratio"] == pytest.approx(result["gflops_per_s"] / result["matmul_gflops_per_s"], rel=1e-2)
+    assert set(result["matmul_gflops_per_s"]) == {"float32_highest", "float32_default", "bfloat16"}
+    for name, rate in result["matmul_gflops_per_s"].items():
+        assert rate > 0
+        assert result["ratio_to_matmul"][name] == pytest.approx(result["gflops_per_s"] / rate, rel=1e-2)
+    assert result["mfu_peak"] == "float32_highest" and result["mfu"] == result["ratio_to_matmul"]["float32_highest"]
+    assert result["gflops_per_s"] == pytest.approx(result["step_gflop"] * result["samples_per_s"] / 8, rel=1e-2)
+    # the peer got our batch size, its own step count, this backend's device and no --amp for float32
+    assert result["torch_peer"] == {"batch_size": 8, "steps": 3, "device": "cpu", "amp": False, "samples_per_s": 4.0}
+    assert result["ratio_to_torch_peer"] == pytest.approx(result["samples_per_s"] / 4.0, rel=1e-3)
+    assert result["torch_peer_same_model"] is False
 
 
 def test_train_step_benchmark_rejects_a_bad_override(capsys):
     code = train_step.main(["--batch-size", "8", "--steps", "1", "--config-override", "objective.no_such=1"])
     assert code == 1
     assert "objective.no_such" in capsys.readouterr().err
+    assert train_step.main(["--batch-size", "8", "--torch-peer", "no/such/peer.py"]) == 1
+    assert "no/such/peer.py: no such file" in capsys.readouterr().err
 
 
 def test_input_pipeline_benchmark_reports_ratio_to_given_step_rate(capsys):
