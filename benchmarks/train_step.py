@@ -125,20 +125,18 @@ def run_torch_peer(path: str, batch_size: int, steps: int, bfloat16: bool, backe
     return result
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Compiles and times the step and the matmul reference; returns the result record."""
+def time_step(args: argparse.Namespace, mesh=None) -> dict:
+    """Compiles and times the step on `mesh` (default: every device); the record without the peaks."""
     import jax
 
     from primus_jax import flops, train
 
     if args.steps < 1 or args.batch_size < 1:
         raise ValueError(f"--steps and --batch-size must be positive, got {args.steps} and {args.batch_size}")
-    if args.torch_peer:
-        check_torch_peer(args.torch_peer)
     config = benchmark_config(args)
     dims = train.DataDims(window_length=args.window_length, rate_hz=50.0,
                           text_dim=EMBEDDING_DIM, video_dim=EMBEDDING_DIM)
-    mesh = train.make_mesh()
+    mesh = train.make_mesh() if mesh is None else mesh
     train.validate_config(config, dims, mesh.size)
     state = train.replicate(train.create_train_state(config, dims), mesh)
     batch = train.prepare_batch(synthetic_batch(args.batch_size, args.window_length, EMBEDDING_DIM),
@@ -157,13 +155,7 @@ def run(args: argparse.Namespace) -> dict:
         state, metrics = compiled(state, batch)
     jax.block_until_ready((state, metrics))
     seconds = time.perf_counter() - start
-    loss = float(metrics["loss"])
-
-    mfu_peak = common.peak_name(args.compute_dtype, args.matmul_precision)
-    peaks = common.matmul_peaks(mesh, args.matmul_size, dict.fromkeys(common.MATMUL_PEAKS + (mfu_peak,)))
-    step_gflops = step_flops * args.steps / seconds / 1e9
-    samples_per_s = args.batch_size * args.steps / seconds
-    result = {
+    return {
         "benchmark": "train_step",
         "batch_size": args.batch_size,
         "steps": args.steps,
@@ -172,27 +164,56 @@ def run(args: argparse.Namespace) -> dict:
         "matmul_precision": args.matmul_precision,
         "compile_s": round(compile_s, 3),
         "step_ms": round(1e3 * seconds / args.steps, 3),
-        "samples_per_s": round(samples_per_s, 2),
+        "samples_per_s": round(args.batch_size * args.steps / seconds, 2),
         "step_gflop": round(step_flops / 1e9, 4),
-        "gflops_per_s": round(step_gflops, 3),
-        "matmul_size": args.matmul_size,
-        "matmul_gflops_per_s": {name: round(rate, 3) for name, rate in peaks.items()},
-        "ratio_to_matmul": {name: round(step_gflops / rate, 4) for name, rate in peaks.items()},
-        "mfu_peak": mfu_peak,
-        "mfu": round(step_gflops / peaks[mfu_peak], 4),
-        "final_loss": loss,
-        **common.machine_description(),
+        "gflops_per_s": round(step_flops * args.steps / seconds / 1e9, 3),
+        "final_loss": float(metrics["loss"]),
     }
-    if args.torch_peer:
-        peer = run_torch_peer(args.torch_peer, args.batch_size, args.torch_peer_steps or args.steps,
-                              args.compute_dtype == "bfloat16", jax.default_backend())
-        result["torch_peer"] = peer
-        result["ratio_to_torch_peer"] = round(samples_per_s / peer["samples_per_s"], 4)
+
+
+def compare_with_peaks(result: dict, peaks: dict[str, float]) -> dict:
+    """result + its ratio to each matmul peak and its MFU (against the peak of the step's matmul kind)."""
+    mfu_peak = common.peak_name(result["compute_dtype"], result["matmul_precision"])
+    rate = result["gflops_per_s"]
+    return dict(
+        result,
+        matmul_gflops_per_s={name: round(peak, 3) for name, peak in peaks.items()},
+        ratio_to_matmul={name: round(rate / peak, 4) for name, peak in peaks.items()},
+        mfu_peak=mfu_peak,
+        mfu=round(rate / peaks[mfu_peak], 4),
+    )
+
+
+def compare_with_torch_peer(result: dict, args: argparse.Namespace, backend: str) -> dict:
+    """result + the torch peer's record at the same B and dtype, and ours / peer in samples/s."""
+    peer = run_torch_peer(args.torch_peer, args.batch_size, args.torch_peer_steps or args.steps,
+                          args.compute_dtype == "bfloat16", backend)
+    return dict(
+        result,
+        torch_peer=peer,
+        ratio_to_torch_peer=round(result["samples_per_s"] / peer["samples_per_s"], 4),
         # The peer script runs the default model only (T=250, GRU 512, queue 8192, full objective).
-        result["torch_peer_same_model"] = (
-            (args.window_length, args.hidden_dim, args.queue_size) == (WINDOW_LENGTH, 512, 8192)
-            and not args.config_override)
-    return result
+        torch_peer_same_model=((args.window_length, args.hidden_dim, args.queue_size) == (WINDOW_LENGTH, 512, 8192)
+                               and not args.config_override),
+    )
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Times the step, the matmul peaks and (with --torch-peer) the peer; returns the result record."""
+    import jax
+
+    from primus_jax import train
+
+    if args.torch_peer:
+        check_torch_peer(args.torch_peer)
+    mesh = train.make_mesh()
+    result = time_step(args, mesh)
+    names = dict.fromkeys(common.MATMUL_PEAKS + (common.peak_name(args.compute_dtype, args.matmul_precision),))
+    result = compare_with_peaks(result, common.matmul_peaks(mesh, args.matmul_size, names))
+    result["matmul_size"] = args.matmul_size
+    if args.torch_peer:
+        result = compare_with_torch_peer(result, args, jax.default_backend())
+    return {**result, **common.machine_description()}
 
 
 def summary(result: dict) -> list[str]:

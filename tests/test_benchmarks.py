@@ -3,6 +3,8 @@
 No timing is asserted; only that the reported numbers exist, are consistent and positive.
 """
 import json
+import os
+import subprocess
 import sys
 
 import pytest
@@ -94,3 +96,30 @@ def test_peak_memory_sees_a_child_that_holds_80_mb(capsys):
 def test_peak_memory_reports_a_failing_command(capsys):
     assert peak_memory.main(["--", sys.executable, "-c", "raise SystemExit(3)"]) == 1
     assert "exited with status 3" in capsys.readouterr().err
+
+
+def test_accelerator_benchmark_runs_small_on_cpu_and_prints_one_table(tmp_path):
+    """The one-command GPU/TPU benchmark at smoke sizes, in a subprocess with XLA's cheap compile flags."""
+    from tests.train_fixtures import repo_root
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.accelerator", "--batch-sizes", "8", "--dtypes", "float32",
+         "--steps", "1", "--parts-windows", "4", "--parts-repeats", "1", "--matmul-size", "128",
+         "--hidden-dim", "32", "--queue-size", "64", "--window-length", "128"],
+        cwd=repo_root(), env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert [(s["batch_size"], s["compute_dtype"]) for s in result["steps"]] == [(8, "float32")]
+    step = result["steps"][0]
+    assert step["samples_per_s"] > 0 and step["mfu_peak"] == "float32_default"
+    assert step["mfu"] == pytest.approx(step["gflops_per_s"] / result["matmul_gflops_per_s"]["float32_default"], rel=1e-2)
+    assert set(result["matmul_gflops_per_s"]) == {"float32_highest", "float32_default", "bfloat16"}
+    assert all(result["parts"]["float32"][part] > 0 for part in ("conv_stack_ms", "gru_ms", "encoder_ms"))
+    table = [line for line in lines if line.startswith("|")]
+    assert table[0] == "| measurement | float32 | bfloat16 |"
+    assert any(line.startswith("| step B=8: samples/s |") for line in table)
+    assert any(line.startswith("| GRU fwd+bwd, 4 windows: ms |") for line in table)
+    assert any(line.startswith("| matmul peak 128^2: TFLOP/s |") for line in table)
