@@ -25,9 +25,9 @@ with (S, D) = (C, P) for gru_over="channels" (the reference steps over the conv 
 Backward: each matmul's reverse pass costs one forward-sized matmul per operand that needs a
 cotangent. Every encoder matmul has a weight and an input that depends on parameters (even conv1:
 its input is the output of the input GroupNorm, whose scale and bias are trained), so it costs
-2x its forward; the adaptive pool's matrix is constant, so it costs 1x. (JAX skips the cotangent
-of the GRU's zero initial state, 1/(2S) of the GRU's hidden backward; it is counted anyway, as
-implementations with a custom VJP compute it.)
+2x its forward; the adaptive pool's matrix is constant, so it costs 1x. The GRU's hidden backward
+is S matmuls for dh_{t-1} (the custom VJP of `models.gru_recurrence` computes all of them, h_0's
+included) plus one (H, S B) x (S B, 3H) matmul for dW_hh: 2x its forward too.
 
 Step, for a global batch B (the encoder runs on 2B windows, both views), D_e = embedding width:
 

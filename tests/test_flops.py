@@ -7,14 +7,13 @@ GRU's recurrence may be a rolled or partly unrolled scan): the lowered program i
 line code and XLA sees every step.
 
 XLA's count also includes the elementwise work that the analytic count leaves out by design
-(see primus_jax/flops.py), and it skips the cotangent of the GRU's zero initial state, which the
-analytic count includes. Both are small against the matmuls, and they pull in opposite directions:
-  * elementwise (GRU gates ~30 H FLOPs per step forward + backward; GroupNorm, pools and the
-    augmentation ~100 per input sample; Adam ~15 per parameter): about +1.7% of the step at
-    B=64, T=250, under +1% of the encoder forward;
-  * the skipped h_0 cotangent: 1 / (2 S) = 1/64 of the GRU's hidden backward, -0.9% of the step.
-Measured with jax 0.10.2: XLA / analytic = 1.0076 for the step, 1.0065 for the eval step and
-1.0062 for the encoder forward. So the step must agree within 2%: that catches a wrong GRU
+(see primus_jax/flops.py): the GRU gates (~30 H FLOPs per step, forward + backward), GroupNorm,
+pools and the augmentation (~100 per input sample), Adam (~15 per parameter); about +1% of the
+step at B=64, T=250, under +1% of the encoder forward. (Differentiated through the loop, JAX
+would skip the cotangent of the GRU's zero initial state, -0.9% of the step; the GRU's custom
+VJP computes it, as the analytic count assumes.)
+Measured with jax 0.10.2: XLA / analytic = 1.0064 for the step, 1.0062 for the eval step and
+1.0059 for the encoder forward. So the step must agree within 2%: that catches a wrong GRU
 (88% of the step), look-up (7%), backward multiplier or info_nce count; the small layers (conv1
 1.5%, conv2 1.2%, conv3 0.25% of the step) are checked on an encoder whose convs dominate.
 """
