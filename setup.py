@@ -10,8 +10,8 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["primus_jax", "primus_jax.*", "configs", "data_prep", "benchmarks"]),
     install_requires=[
-        "jax>=0.10.2,<0.11",
-        "jaxlib>=0.10.2,<0.11",
+        "jax>=0.10.2,<0.12",
+        "jaxlib>=0.10.2,<0.12",
         "flax>=0.12.8,<0.13",
         "optax>=0.2.5",
         "orbax-checkpoint>=0.12.8,<0.13",
@@ -34,6 +34,10 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "tensorflow-cpu>=2.16", "gcp-storage-emulator>=2026.7"],
+        # Accelerators: jax's CUDA 12 / CUDA 13 wheels (NVIDIA driver only, CUDA comes from pip), or libtpu.
+        "cuda12": ["jax[cuda12]>=0.10.2,<0.12"],
+        "cuda13": ["jax[cuda13]>=0.10.2,<0.12"],
+        "tpu": ["jax[tpu]>=0.10.2,<0.12"],
         "torch": ["torch"],
         "aria": ["projectaria-tools"],
     },

@@ -65,13 +65,28 @@ def time_calls(call: Callable[[], object], repeats: int) -> list[float]:
     return times
 
 
-def matmul_gflops(mesh, size: int = 2048, repeats: int = 5) -> float:
-    """GFLOP/s of a float32 (size x size) @ (size x size) matmul on every device of `mesh`.
+MATMUL_PEAKS = ("float32_highest", "float32_default", "bfloat16")
+"""The matmul references every step benchmark measures: float32 at `highest` (true float32 on
+every backend), float32 at `default` (TF32 on NVIDIA Ampere+, one bfloat16 pass on TPU, float32 on
+CPU) and bfloat16 operands (float32 accumulation)."""
+
+
+def peak_name(dtype: str, matmul_precision: str) -> str:
+    """The MATMUL_PEAKS-style name of the matmul rate a step of this dtype and precision is held to.
+
+    bfloat16 matmuls ignore the precision; float32 ones run at it ("float32_high" is measured on demand).
+    """
+    return "bfloat16" if dtype == "bfloat16" else f"float32_{matmul_precision}"
+
+
+def matmul_gflops(mesh, size: int = 2048, dtype: str = "float32", precision: str = "highest",
+                  repeats: int = 5) -> float:
+    """GFLOP/s of a (size x size) @ (size x size) matmul of `dtype` at `precision` on every device of `mesh`.
 
     The left operand is split by rows along the mesh axis 'data' and the right one replicated, so
     each device multiplies its (size / n, size) block: 2 size^3 FLOPs in all per call. The best
     of `repeats` timed calls after one warm-up call gives the rate (the machine's attainable peak
-    for a large, regular float32 GEMM, the reference for the train step).
+    for a large, regular GEMM of that kind, the reference for the train step).
     """
     import jax
     import jax.numpy as jnp
@@ -81,12 +96,22 @@ def matmul_gflops(mesh, size: int = 2048, repeats: int = 5) -> float:
     if size % mesh.size:
         raise ValueError(f"matmul size {size} must be divisible by the {mesh.size} devices")
     rng = np.random.default_rng(0)
-    a = jax.device_put(rng.standard_normal((size, size), np.float32), NamedSharding(mesh, PartitionSpec("data")))
-    b = jax.device_put(rng.standard_normal((size, size), np.float32), NamedSharding(mesh, PartitionSpec()))
-    matmul = jax.jit(lambda x, y: jnp.dot(x, y, precision=jax.lax.Precision.HIGHEST))
+    operand = lambda: rng.standard_normal((size, size), np.float32).astype(jnp.dtype(dtype))
+    a = jax.device_put(operand(), NamedSharding(mesh, PartitionSpec("data")))
+    b = jax.device_put(operand(), NamedSharding(mesh, PartitionSpec()))
+    matmul = jax.jit(lambda x, y: jnp.dot(x, y, precision=precision, preferred_element_type=jnp.float32))
     matmul(a, b).block_until_ready()
     best = min(time_calls(lambda: matmul(a, b).block_until_ready(), repeats))
     return 2.0 * size**3 / best / 1e9
+
+
+def matmul_peaks(mesh, size: int, names=MATMUL_PEAKS) -> dict[str, float]:
+    """{name: GFLOP/s} for names like "float32_highest", "float32_default", "float32_high", "bfloat16"."""
+    peaks = {}
+    for name in names:
+        dtype, _, precision = name.partition("_")
+        peaks[name] = matmul_gflops(mesh, size, dtype, precision or "default")
+    return peaks
 
 
 def run_cli(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], dict],

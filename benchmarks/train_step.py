@@ -1,6 +1,7 @@
-"""Throughput of the full PRIMUS train step, against a large float32 matmul on the same devices.
+"""Throughput of the full PRIMUS train step, against matmul peaks measured on the same devices.
 
     python -m benchmarks.train_step --batch-size 64 --steps 20 [--compute-dtype bfloat16]
+        [--matmul-precision default|high|highest] [--torch-peer PATH/TO/torch_step.py]
 
 The step is `train.make_steps`' train_step with the default config (two views, SS + MM + NN,
 the 1.4M-parameter encoder, queue of 8192) on synthetic windows of T=250 samples with 512-d text
@@ -8,14 +9,24 @@ and video embeddings, data-parallel over every available device (`--host-devices
 the CPU into N devices). Compilation is timed separately; then `--steps` steps are timed as one
 dispatch stream ending in a single block, so no host sync sits between steps.
 
-Reported: samples/s = B * steps / seconds; the step's FLOPs from XLA's cost analysis of the
-compiled step (summed over devices); achieved GFLOP/s = FLOPs * steps / seconds; and
-matmul_ratio = achieved / the GFLOP/s of a (size x size) float32 matmul timed in this process
-(`common.matmul_gflops`). The last line is a JSON object with those numbers.
+Reported: samples/s = B * steps / seconds; the step's FLOPs from the analytic count of
+`primus_jax.flops` (matmul FLOPs, the same on every backend: XLA's cost analysis of a compiled
+GPU program leaves out library matmuls); achieved GFLOP/s = FLOPs * steps / seconds; its ratio
+to three (size x size) matmul peaks timed in this process (`common.MATMUL_PEAKS`: float32 at
+`highest`, float32 at `default`, bfloat16); and MFU = achieved / the peak of the kind the step's
+matmuls use (bfloat16 for --compute-dtype bfloat16, else float32 at --matmul-precision).
+With --torch-peer PATH (a PyTorch step script that takes --batch-size, --steps, --device and
+--amp and prints a JSON line with samples_per_s, such as the project's peer torch_step.py), that
+script is run in a subprocess right after ours at the same B, on the same device kind, with
+--amp for bfloat16, and the ratio ours / peer is reported. The last line is a JSON object.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
+import os
+import subprocess
 import sys
 import time
 
@@ -31,12 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=20, help="timed steps after compilation")
     parser.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
                         help="activation dtype of the encoder (params stay float32)")
+    parser.add_argument("--matmul-precision", choices=("default", "high", "highest"), default="default",
+                        help="model.matmul_precision of the step (float32 matmuls)")
     parser.add_argument("--queue-size", type=int, default=8192)
     parser.add_argument("--window-length", type=int, default=WINDOW_LENGTH, help="T, samples per window")
-    parser.add_argument("--matmul-size", type=int, default=2048, help="side of the reference float32 matmul")
+    parser.add_argument("--matmul-size", type=int, default=2048, help="side of the reference matmuls")
     parser.add_argument("--hidden-dim", type=int, default=512, help="GRU width (and head width), default model 512")
     parser.add_argument("--config-override", action="append", default=[], metavar="a.b=value",
                         help="extra override of configs/default.py, e.g. objective.use_nn=False")
+    parser.add_argument("--torch-peer", default="", metavar="PATH",
+                        help="a PyTorch step script to run at the same B after ours (needs torch)")
+    parser.add_argument("--torch-peer-steps", type=int, default=0,
+                        help="timed steps of the torch peer; 0 uses --steps")
     common.add_device_arguments(parser)
     return parser
 
@@ -49,6 +66,7 @@ def benchmark_config(args: argparse.Namespace):
     config.train.global_batch_size = args.batch_size
     config.queue.size = args.queue_size
     config.model.dtype = args.compute_dtype
+    config.model.matmul_precision = args.matmul_precision
     config.model.hidden_dim = args.hidden_dim
     config.model.ssl_dim = args.hidden_dim
     for override in args.config_override:
@@ -81,28 +99,44 @@ def synthetic_batch(batch_size: int, window_length: int, dim: int, seed: int = 0
             "has_text": np.ones(batch_size, bool), "has_video": np.ones(batch_size, bool)}
 
 
-def step_flops(compiled, num_devices: int) -> float:
-    """FLOPs of one step from XLA's cost analysis; an SPMD program is analysed per device, so x devices."""
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, (list, tuple)):
-        analysis = analysis[0]
-    if not analysis or "flops" not in analysis:
-        raise RuntimeError("XLA's cost analysis of the compiled train step reports no 'flops'")
-    return float(analysis["flops"]) * num_devices
+def check_torch_peer(path: str) -> None:
+    """ValueError unless the peer script exists (checked before any timing)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--torch-peer {path}: no such file")
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Compiles and times the step and the matmul reference; returns the result record."""
+def run_torch_peer(path: str, batch_size: int, steps: int, bfloat16: bool, backend: str) -> dict:
+    """The peer script's JSON result at this batch size: `python PATH --batch-size B --steps N --device D`."""
+    device = "cuda" if backend == "gpu" else "cpu"
+    command = [sys.executable, path, "--batch-size", str(batch_size), "--steps", str(steps), "--device", device]
+    if bfloat16:
+        command.append("--amp")
+    done = subprocess.run(command, capture_output=True, text=True)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        hint = "" if importlib.util.find_spec("torch") else " (torch is not installed: pip install -e '.[torch]')"
+        raise ValueError(f"the torch peer {path} failed (exit {done.returncode}){hint}: {done.stderr.strip()[-2000:]}")
+    try:
+        result = json.loads(lines[-1])
+    except json.JSONDecodeError as error:
+        raise ValueError(f"the torch peer {path} did not end with a JSON line: {lines[-1]!r}") from error
+    if "samples_per_s" not in result:
+        raise ValueError(f"the torch peer {path}'s JSON line has no samples_per_s: {lines[-1]!r}")
+    return result
+
+
+def time_step(args: argparse.Namespace, mesh=None) -> dict:
+    """Compiles and times the step on `mesh` (default: every device); the record without the peaks."""
     import jax
 
-    from primus_jax import train
+    from primus_jax import flops, train
 
     if args.steps < 1 or args.batch_size < 1:
         raise ValueError(f"--steps and --batch-size must be positive, got {args.steps} and {args.batch_size}")
     config = benchmark_config(args)
     dims = train.DataDims(window_length=args.window_length, rate_hz=50.0,
                           text_dim=EMBEDDING_DIM, video_dim=EMBEDDING_DIM)
-    mesh = train.make_mesh()
+    mesh = train.make_mesh() if mesh is None else mesh
     train.validate_config(config, dims, mesh.size)
     state = train.replicate(train.create_train_state(config, dims), mesh)
     batch = train.prepare_batch(synthetic_batch(args.batch_size, args.window_length, EMBEDDING_DIM),
@@ -112,7 +146,7 @@ def run(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     compiled = train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
-    flops = step_flops(compiled, mesh.size)
+    step_flops = flops.step_flops(config, dims.window_length, dims.text_dim, dims.video_dim).total
 
     state, metrics = compiled(state, batch)  # warm-up: first run allocates the donated buffers
     jax.block_until_ready((state, metrics))
@@ -121,40 +155,85 @@ def run(args: argparse.Namespace) -> dict:
         state, metrics = compiled(state, batch)
     jax.block_until_ready((state, metrics))
     seconds = time.perf_counter() - start
-    loss = float(metrics["loss"])
-
-    matmul = common.matmul_gflops(mesh, args.matmul_size)
-    step_gflops = flops * args.steps / seconds / 1e9
     return {
         "benchmark": "train_step",
         "batch_size": args.batch_size,
         "steps": args.steps,
         "devices": mesh.size,
         "compute_dtype": args.compute_dtype,
+        "matmul_precision": args.matmul_precision,
         "compile_s": round(compile_s, 3),
         "step_ms": round(1e3 * seconds / args.steps, 3),
         "samples_per_s": round(args.batch_size * args.steps / seconds, 2),
-        "step_gflop": round(flops / 1e9, 4),
-        "gflops_per_s": round(step_gflops, 3),
-        "matmul_size": args.matmul_size,
-        "matmul_gflops_per_s": round(matmul, 3),
-        "matmul_ratio": round(step_gflops / matmul, 4),
-        "final_loss": loss,
-        **common.machine_description(),
+        "step_gflop": round(step_flops / 1e9, 4),
+        "gflops_per_s": round(step_flops * args.steps / seconds / 1e9, 3),
+        "final_loss": float(metrics["loss"]),
     }
 
 
+def compare_with_peaks(result: dict, peaks: dict[str, float]) -> dict:
+    """result + its ratio to each matmul peak and its MFU (against the peak of the step's matmul kind)."""
+    mfu_peak = common.peak_name(result["compute_dtype"], result["matmul_precision"])
+    rate = result["gflops_per_s"]
+    return dict(
+        result,
+        matmul_gflops_per_s={name: round(peak, 3) for name, peak in peaks.items()},
+        ratio_to_matmul={name: round(rate / peak, 4) for name, peak in peaks.items()},
+        mfu_peak=mfu_peak,
+        mfu=round(rate / peaks[mfu_peak], 4),
+    )
+
+
+def compare_with_torch_peer(result: dict, args: argparse.Namespace, backend: str) -> dict:
+    """result + the torch peer's record at the same B and dtype, and ours / peer in samples/s."""
+    peer = run_torch_peer(args.torch_peer, args.batch_size, args.torch_peer_steps or args.steps,
+                          args.compute_dtype == "bfloat16", backend)
+    return dict(
+        result,
+        torch_peer=peer,
+        ratio_to_torch_peer=round(result["samples_per_s"] / peer["samples_per_s"], 4),
+        # The peer script runs the default model only (T=250, GRU 512, queue 8192, full objective).
+        torch_peer_same_model=((args.window_length, args.hidden_dim, args.queue_size) == (WINDOW_LENGTH, 512, 8192)
+                               and not args.config_override),
+    )
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Times the step, the matmul peaks and (with --torch-peer) the peer; returns the result record."""
+    import jax
+
+    from primus_jax import train
+
+    if args.torch_peer:
+        check_torch_peer(args.torch_peer)
+    mesh = train.make_mesh()
+    result = time_step(args, mesh)
+    names = dict.fromkeys(common.MATMUL_PEAKS + (common.peak_name(args.compute_dtype, args.matmul_precision),))
+    result = compare_with_peaks(result, common.matmul_peaks(mesh, args.matmul_size, names))
+    result["matmul_size"] = args.matmul_size
+    if args.torch_peer:
+        result = compare_with_torch_peer(result, args, jax.default_backend())
+    return {**result, **common.machine_description()}
+
+
 def summary(result: dict) -> list[str]:
-    return [
+    peaks = "; ".join(f"{name} {rate:.1f} GFLOP/s (step at {result['ratio_to_matmul'][name]:.3f})"
+                      for name, rate in result["matmul_gflops_per_s"].items())
+    lines = [
         f"devices: {result['devices']} x {result['device_kind']}",
         f"compile: {result['compile_s']:.2f} s",
-        f"step: {result['step_ms']:.1f} ms at B={result['batch_size']} ({result['compute_dtype']}), "
-        f"{result['samples_per_s']:.1f} samples/s",
-        f"step FLOPs (XLA cost analysis): {result['step_gflop']:.3f} GFLOP; "
-        f"achieved {result['gflops_per_s']:.2f} GFLOP/s",
-        f"float32 matmul {result['matmul_size']}^2: {result['matmul_gflops_per_s']:.2f} GFLOP/s; "
-        f"ratio {result['matmul_ratio']:.3f}",
+        f"step: {result['step_ms']:.1f} ms at B={result['batch_size']} ({result['compute_dtype']}, "
+        f"matmul precision {result['matmul_precision']}), {result['samples_per_s']:.1f} samples/s",
+        f"step FLOPs (analytic, matmuls): {result['step_gflop']:.3f} GFLOP; achieved {result['gflops_per_s']:.2f} GFLOP/s",
+        f"matmul peaks {result['matmul_size']}^2: {peaks}",
+        f"MFU (against {result['mfu_peak']}): {result['mfu']:.3f}",
     ]
+    if "torch_peer" in result:
+        peer = result["torch_peer"]
+        caveat = "" if result["torch_peer_same_model"] else " (NOT the same model: ours was shrunk by the arguments)"
+        lines.append(f"torch peer: {peer['samples_per_s']:.1f} samples/s; ours / peer = "
+                     f"{result['ratio_to_torch_peer']:.2f}{caveat}")
+    return lines
 
 
 def main(argv=None) -> int:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from primus_jax import models, paths
+from primus_jax import models, paths, precision
 
 ENCODER_CONFIG_FILE = "encoder.json"
 PARAMS_FILE = "params.msgpack"
@@ -158,19 +158,22 @@ class EncoderFn:
 
     head "mmcl" (default, D = mm_dim): the text/video-aligned space, the reference's downstream
     feature; "ssl" (D = ssl_dim): the augmentation-invariant head; "emb" (D = hidden_dim): the GRU state.
+    matmul_precision: the float32 matmul precision the encoder is compiled with (`primus_jax.precision`).
     """
 
     def __init__(self, model: models.IMUEncoder, params, window_length: int, rate_hz: float, batch_size: int,
-                 head: str = "mmcl"):
+                 head: str = "mmcl", matmul_precision: str = "default"):
         if head not in FEATURE_HEADS:
             raise ValueError(f"head must be one of {FEATURE_HEADS}, got {head!r}")
         self.head = head
+        self.matmul_precision = precision.check_matmul_precision(matmul_precision)
         self.model = model
         self.params = params
         self.window_length = window_length
         self.rate_hz = rate_hz
         self.batch_size = batch_size
-        self._apply = jax.jit(lambda p, x: model.apply({"params": p}, x)[head])
+        self._apply = jax.jit(precision.with_matmul_precision(
+            lambda p, x: model.apply({"params": p}, x)[head], matmul_precision))
 
     def __call__(self, windows) -> np.ndarray:
         x = np.asarray(windows, np.float32)
@@ -195,7 +198,8 @@ class EncoderFn:
 def load_encoder(export_dir, batch_size: int = 256, head: str = "mmcl") -> EncoderFn:
     """Load an exported encoder (local or gs://) in one call: `features = load_encoder(dir)(windows)`.
 
-    `head` picks the feature: "mmcl" (default), "ssl" or "emb" (see EncoderFn).
+    `head` picks the feature: "mmcl" (default), "ssl" or "emb" (see EncoderFn). The encoder runs at the
+    `matmul_precision` stored in the export's model config ("default" for exports that predate it).
     """
     export_dir = paths.check_access(export_dir)
     meta_path = export_dir / ENCODER_CONFIG_FILE
@@ -205,6 +209,10 @@ def load_encoder(export_dir, batch_size: int = 256, head: str = "mmcl") -> Encod
     if meta.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{meta_path}: unknown export format {meta.get('format')!r}, expected {EXPORT_FORMAT!r}")
     model_cfg = dict(meta["model"])
+    matmul_precision = model_cfg.pop("matmul_precision", "default")
+    if matmul_precision not in precision.MATMUL_PRECISIONS:
+        raise ValueError(f"{meta_path}: model.matmul_precision must be one of {precision.MATMUL_PRECISIONS}, "
+                         f"got {matmul_precision!r}")
     model_cfg["dtype"] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[model_cfg.get("dtype", "float32")]
     model = models.IMUEncoder(**model_cfg)
     params_bytes = (export_dir / PARAMS_FILE).read_bytes()
@@ -218,4 +226,4 @@ def load_encoder(export_dir, batch_size: int = 256, head: str = "mmcl") -> Encod
     problems = _shape_mismatches(params, expected)
     if problems:
         raise ValueError(f"{export_dir}: params do not fit {ENCODER_CONFIG_FILE}: {'; '.join(problems[:3])}")
-    return EncoderFn(model, params, meta["window_length"], meta["rate_hz"], batch_size, head)
+    return EncoderFn(model, params, meta["window_length"], meta["rate_hz"], batch_size, head, matmul_precision)

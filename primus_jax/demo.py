@@ -124,12 +124,14 @@ def evaluate_encoders(config: ml_collections.ConfigDict, encoders: dict[str, dic
                 batch_size=config.demo.finetune_batch_size, normalize_features=False)
             standard = {"few_shot": evaluate.fine_tune_probe(
                 model, random_params, train_x, train_y, test_x, test_y, protocol, config=finetune,
-                desc=f"{set_name}: standard training")}
+                desc=f"{set_name}: standard training", matmul_precision=config.model.matmul_precision)}
         for head in config.demo.features:
             methods = {}
             for label, params in frozen.items():
-                train_feats = evaluate.encode(model, params, train_x, head_name=head)
-                test_feats = evaluate.encode(model, params, test_x, head_name=head)
+                train_feats = evaluate.encode(model, params, train_x, head_name=head,
+                                              matmul_precision=config.model.matmul_precision)
+                test_feats = evaluate.encode(model, params, test_x, head_name=head,
+                                             matmul_precision=config.model.matmul_precision)
                 entry = {"few_shot": evaluate.few_shot_probe(
                     train_feats, train_y, test_feats, test_y, protocol, config=probe_config,
                     desc=f"{set_name}, {head}: {label}")}

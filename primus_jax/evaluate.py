@@ -38,6 +38,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+
+from primus_jax import precision  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 _EPS = 1e-12
@@ -289,12 +291,15 @@ def _apply_head(model: nn.Module, params, windows, head_name: str):
     return model.apply({"params": params}, windows)[head_name]
 
 
-def encode(model: nn.Module, params, windows, batch_size: int = 256, head_name: str = "mmcl") -> np.ndarray:
+def encode(model: nn.Module, params, windows, batch_size: int = 256, head_name: str = "mmcl",
+           matmul_precision: str = "default") -> np.ndarray:
     """Features (N, D) numpy of ``model.apply({"params": params}, x)[head_name]`` for windows (N, T, 6).
 
     Runs in batches of min(batch_size, N); the last batch is zero-padded to that size so
-    one compiled function serves every batch.
+    one compiled function serves every batch. float32 matmuls run at ``matmul_precision``
+    (``primus_jax.precision``; pass the training config's ``model.matmul_precision``).
     """
+    apply_head = precision.with_matmul_precision(_apply_head, matmul_precision)
     windows = np.asarray(windows, dtype=np.float32)
     if windows.ndim != 3 or windows.shape[0] == 0:
         raise ValueError(f"windows must be a non-empty (N, T, 6) array, got shape {windows.shape}.")
@@ -303,7 +308,7 @@ def encode(model: nn.Module, params, windows, batch_size: int = 256, head_name: 
     outputs = []
     for start in range(0, n, batch):
         chunk, _ = _pad_rows(windows[start : start + batch], batch)
-        outputs.append(np.asarray(_apply_head(model, params, chunk, head_name))[: n - start])
+        outputs.append(np.asarray(apply_head(model, params, chunk, head_name))[: n - start])
     return np.concatenate(outputs, axis=0)
 
 
@@ -364,6 +369,7 @@ def fine_tune_probe(
     config: FineTuneConfig = FineTuneConfig(),
     desc: str = "fine-tune",
     progress: bool = True,
+    matmul_precision: str = "default",
 ) -> dict[int, dict[str, Any]]:
     """Encoder ``params`` and a linear head trained end to end on the shots, same trial protocol.
 
@@ -372,9 +378,10 @@ def fine_tune_probe(
     ``FineTuneConfig(normalize_features=False)``. The batch order comes from the trial seed.
     Shot sets are padded to one size and minibatches to min(batch_size, next power of two
     >= shot-set size), so training compiles at most once per power of two (padding wastes
-    under half of a step).
+    under half of a step). Training and encoding run at ``matmul_precision`` (see :func:`encode`).
     Returns the same structure as :func:`few_shot_probe`.
     """
+    fine_tune = precision.with_matmul_precision(_fine_tune, matmul_precision)
     train_windows, train_labels = _check_labelled("train", train_windows, train_labels, protocol.num_classes)
     test_windows, test_labels = _check_labelled("test", test_windows, test_labels, protocol.num_classes)
     for name, w in (("train", train_windows), ("test", test_windows)):
@@ -390,8 +397,8 @@ def fine_tune_probe(
         labels, _ = _pad_rows(train_labels[indices], size)
         batch = min(config.batch_size, 1 << (indices.size - 1).bit_length())
         rows, mask = _batch_schedule(indices.size, config.steps, batch, np.random.default_rng(s))
-        tuned = _fine_tune(model, {"encoder": params, "head": head0}, windows, labels, rows, mask, config)
-        feats = encode(model, tuned["encoder"], test_windows)
+        tuned = fine_tune(model, {"encoder": params, "head": head0}, windows, labels, rows, mask, config)
+        feats = encode(model, tuned["encoder"], test_windows, matmul_precision=matmul_precision)
         if config.normalize_features:
             feats = l2_normalize(feats)
         return _head_accuracy(tuned["head"], feats, test_labels)

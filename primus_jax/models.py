@@ -18,6 +18,7 @@ Shapes are channels-last: an IMU batch x is (B, T, 6) float32, acc x,y,z (m/s^2)
 No activations sit between the layers (the max-pools are the only nonlinearity before the GRU),
 no dropout, no BatchNorm. The convolutions have no bias.
 """
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -34,6 +35,8 @@ POOL_SIZE = 3
 POOLED_LENGTH = 32
 """Output length of the adaptive average pool in the reference."""
 GRU_OVER_CHOICES = ("channels", "time")
+GRU_UNROLL_BY_BACKEND = {"cpu": 32}
+CONV_IMPL_CHOICES = ("auto", "xla", "matmul")
 
 
 def torch_uniform(bound: float):
@@ -91,49 +94,203 @@ def count_params(params) -> int:
     return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(params))
 
 
-class GRUHiddenStep(nn.Module):
-    """One GRU step given the precomputed input projection, with torch's gate equations.
+def resolve_conv_impl(conv_impl: str, backend: str) -> str:
+    """"xla" or "matmul" for `conv_impl` in CONV_IMPL_CHOICES; "auto" picks by backend.
 
-    With x_proj = W_i x + b_i split into (x_r, x_z, x_n) and h_proj = W_h h + b_h into
-    (h_r, h_z, h_n), all (B, H):
-        r = sigmoid(x_r + h_r),  z = sigmoid(x_z + h_z),  n = tanh(x_n + r * h_n),
-        h' = (1 - z) * n + z * h.
-    The matmul runs in `dtype`; the gate arithmetic and the carried h stay float32 so that a
-    bfloat16 run does not accumulate rounding over the recurrence.
-    Params: kernel (H, 3H) = W_hh^T, bias (3H,) = b_hh, gate order (r, z, n) as in torch.
+    "auto" is "xla" (lax.conv_general_dilated, as nn.Conv) on CPU, where XLA's convolution
+    was faster, and "matmul" (`dilated_conv1d_matmul`) on GPU and TPU, where XLA's convolution
+    path is slow for these narrow dilated 1-D convolutions (README, Encoder speed).
+    """
+    if conv_impl not in CONV_IMPL_CHOICES:
+        raise ValueError(f"IMUEncoder.conv_impl must be one of {CONV_IMPL_CHOICES}, got {conv_impl!r}")
+    if conv_impl == "auto":
+        return "xla" if backend == "cpu" else "matmul"
+    return conv_impl
+
+
+def dilated_conv1d_matmul(x, kernel, dilation: int):
+    """VALID dilated 1-D convolution (cross-correlation, as torch's Conv1d) as one matmul.
+
+    x (B, L, C_in), kernel (k, C_in, C_out) -> y (B, L - d(k-1), C_out) with
+        y[b, l, o] = sum_j sum_c x[b, l + d j, c] kernel[j, c, o].
+    The k shifted slices x[:, d j : d j + L_out] are stacked to (B, L_out, k, C_in) (im2col) and
+    contracted with the kernel in one einsum; autodiff's backward is two matmuls and a sum of
+    k shifted slices.
+    """
+    taps, out_length = kernel.shape[0], x.shape[1] - dilation * (kernel.shape[0] - 1)
+    patches = jnp.stack([x[:, dilation * j : dilation * j + out_length] for j in range(taps)], axis=2)
+    return jnp.einsum("blkc,kco->blo", patches, kernel)
+
+
+def max_pool_floor(x, size: int):
+    """MaxPool1d(size, stride size), floor mode: (B, L, C) -> (B, floor(L / size), C).
+
+    Written as reshape + max over the window axis (equal to nn.max_pool with VALID padding); its
+    gradient is an elementwise mask rather than XLA's select-and-scatter.
+    """
+    batch, length, channels = x.shape
+    pooled = length // size
+    return x[:, : pooled * size].reshape(batch, pooled, size, channels).max(axis=2)
+
+
+class DilatedConv1D(nn.Module):
+    """torch's Conv1d(C_in, features, kernel_size, dilation, bias=False) on channels-last (B, L, C_in).
+
+    Param `kernel` (kernel_size, C_in, features), as nn.Conv's, initialised U(+-1/sqrt(C_in k)).
+    impl: see `resolve_conv_impl`; both give the same numbers up to float rounding.
     """
 
-    hidden_dim: int
+    features: int
+    kernel_size: int
+    dilation: int
+    impl: str = "auto"
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, h, x_proj):
-        bound = 1.0 / np.sqrt(self.hidden_dim)
-        kernel = self.param("kernel", torch_uniform(bound), (self.hidden_dim, 3 * self.hidden_dim))
-        bias = self.param("bias", torch_uniform(bound), (3 * self.hidden_dim,))
-        h_proj = jnp.dot(h.astype(self.dtype), kernel.astype(self.dtype)).astype(jnp.float32) + bias
-        x_r, x_z, x_n = jnp.split(x_proj.astype(jnp.float32), 3, axis=-1)
-        h_r, h_z, h_n = jnp.split(h_proj, 3, axis=-1)
-        reset = jax.nn.sigmoid(x_r + h_r)
-        update = jax.nn.sigmoid(x_z + h_z)
-        candidate = jnp.tanh(x_n + reset * h_n)
-        return (1.0 - update) * candidate + update * h, None
+    def __call__(self, x):
+        fan_in = x.shape[-1] * self.kernel_size
+        kernel = self.param(
+            "kernel", torch_uniform(1.0 / np.sqrt(fan_in)), (self.kernel_size, x.shape[-1], self.features)
+        )
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        if resolve_conv_impl(self.impl, jax.default_backend()) == "matmul":
+            return dilated_conv1d_matmul(x, kernel, self.dilation)
+        return jax.lax.conv_general_dilated(
+            x, kernel, window_strides=(1,), padding="VALID", rhs_dilation=(self.dilation,),
+            dimension_numbers=("NWC", "WIO", "NWC"),
+        )
 
 
-class TorchGRU(nn.Module):
-    """Single-layer unidirectional GRU, h_0 = 0, returning the final hidden state (B, H).
+def _gru_gates(x_t, h_proj, h):
+    """torch's GRU gates for one step: x_t, h_proj (B, 3H) float32 in (r, z, n) order, h (B, H).
 
-    Input (B, S, D). Speed choice: the input projection W_i x + b_i (params `input_proj`,
-    kernel (D, 3H) = W_ih^T, bias (3H,) = b_ih) is one Dense over all S steps before the scan,
-    so the scanned `GRUHiddenStep` (params `cell`) only does the (B, H) x (H, 3H) hidden matmul.
-    The scan is fully unrolled (S is 32 in PRIMUS): on CPU this halves the step time against a
-    rolled loop, and XLA's cost analysis then counts every step's FLOPs (it counts a loop body once).
-    Keeping both bias vectors b_ih and b_hh (Flax's nn.GRUCell folds b_hr, b_hz into the input
-    biases) gives exactly torch's parameter count, 3H(D + H + 2), and a one-to-one weight import.
+    r = sigmoid(x_r + h_r),  z = sigmoid(x_z + h_z),  n = tanh(x_n + r * h_n),
+    h' = (1 - z) * n + z * h = n + z * (h - n).  Returns (r, z, n, h_n, h').
+    """
+    hidden = h.shape[-1]
+    reset = jax.nn.sigmoid(x_t[:, :hidden] + h_proj[:, :hidden])
+    update = jax.nn.sigmoid(x_t[:, hidden : 2 * hidden] + h_proj[:, hidden : 2 * hidden])
+    h_n = h_proj[:, 2 * hidden :]
+    candidate = jnp.tanh(x_t[:, 2 * hidden :] + reset * h_n)
+    return reset, update, candidate, h_n, candidate + update * (h - candidate)
+
+
+def _gru_forward(x_proj, kernel, bias, dtype, unroll):
+    """The recurrence from h_0 = 0; returns (h_S, per-step residuals (h_{t-1}, r, z, n, h_n))."""
+    dtype = jnp.dtype(dtype)
+    kernel = kernel.astype(dtype)
+
+    def step(h, x_t):
+        h_proj = jnp.dot(h.astype(dtype), kernel, preferred_element_type=jnp.float32) + bias
+        reset, update, candidate, h_n, h_next = _gru_gates(x_t.astype(jnp.float32), h_proj, h)
+        return h_next, (h, reset, update, candidate, h_n)
+
+    h0 = jnp.zeros((x_proj.shape[1], kernel.shape[0]), jnp.float32)
+    return jax.lax.scan(step, h0, x_proj, unroll=unroll)
+
+
+def gru_recurrence(x_proj, kernel, bias, dtype=jnp.float32, unroll: int = 1):
+    """Final hidden state (B, H) float32 of torch's GRU over precomputed input projections.
+
+    x_proj (S, B, 3H) is W_ih x_t + b_ih, time-major so that step t reads one contiguous slice;
+    x_proj, kernel and bias are taken as float32. kernel (H, 3H) = W_hh^T and bias (3H,) = b_hh, gate order (r, z, n); h_0 = 0. Each step is
+    h_proj = h_{t-1} W_hh^T + b_hh, one (B, H) x (H, 3H) matmul in `dtype` accumulated in float32,
+    then `_gru_gates` in float32 (the carried h stays float32 in a bfloat16 run). `unroll` is
+    lax.scan's unroll of the forward and backward loops.
+
+    The VJP is written out (a custom VJP) rather than differentiated through the loop. The forward
+    pass saves h_{t-1}, r, z, n and h_n = (h_{t-1} W_hh^T + b_hh)_n, 5 (S, B, H) float32 arrays.
+    The backward pass runs the reverse recurrence with the cotangent dh_t of h_t:
+        da_n = dh (1 - z)(1 - n^2),  da_r = da_n h_n r (1 - r),  da_z = dh (h_{t-1} - n) z (1 - z),
+        g_x = [da_r, da_z, da_n] = d x_proj_t,  g_h = [da_r, da_z, da_n r] = d h_proj_t,
+        dh_{t-1} = dh z + g_h W_hh            (ONE (B, 3H) x (3H, H) matmul per step),
+    and then, outside the loop, dW_hh^T = sum_t h_{t-1}^T g_h as ONE (H, S B) x (S B, 3H) matmul
+    and db_hh = sum_t g_h, instead of S small accumulations inside it.
+    """
+    as_float32 = (jnp.asarray(a, jnp.float32) for a in (x_proj, kernel, bias))
+    return _gru_recurrence(*as_float32, jnp.dtype(dtype).name, unroll)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _gru_recurrence(x_proj, kernel, bias, dtype_name: str, unroll: int):
+    return _gru_forward(x_proj, kernel, bias, dtype_name, unroll)[0]
+
+
+def _gru_recurrence_fwd(x_proj, kernel, bias, dtype, unroll):
+    h_final, residuals = _gru_forward(x_proj, kernel, bias, dtype, unroll)
+    return h_final, (residuals, kernel)
+
+
+def _gru_recurrence_bwd(dtype, unroll, saved, dh_final):
+    (h_prev, reset, update, candidate, h_n), kernel = saved
+    dtype = jnp.dtype(dtype)
+    kernel_t = kernel.astype(dtype).T
+
+    def step(dh, residual):
+        h, r, z, n, hn = residual
+        da_n = dh * (1.0 - z) * (1.0 - n * n)
+        da_r = da_n * hn * r * (1.0 - r)
+        da_z = dh * (h - n) * z * (1.0 - z)
+        grad_h_proj = jnp.concatenate([da_r, da_z, da_n * r], axis=-1)
+        dh_prev = dh * z + jnp.dot(grad_h_proj.astype(dtype), kernel_t, preferred_element_type=jnp.float32)
+        return dh_prev, (grad_h_proj, da_n)
+
+    residuals = (h_prev, reset, update, candidate, h_n)
+    _, (grad_h_proj, da_n) = jax.lax.scan(
+        step, dh_final.astype(jnp.float32), residuals, reverse=True, unroll=unroll
+    )
+    hidden = kernel.shape[0]
+    grad_x_proj = jnp.concatenate([grad_h_proj[..., : 2 * hidden], da_n], axis=-1)
+    grad_kernel = jnp.einsum(
+        "sbh,sbg->hg", h_prev.astype(dtype), grad_h_proj.astype(dtype), preferred_element_type=jnp.float32
+    )
+    grad_bias = grad_h_proj.sum(axis=(0, 1))
+    return grad_x_proj, grad_kernel, grad_bias
+
+
+_gru_recurrence.defvjp(_gru_recurrence_fwd, _gru_recurrence_bwd)
+
+
+def default_gru_unroll(backend: str) -> int:
+    """lax.scan unroll of the GRU loops that measured fastest on `backend` (see README, Encoder speed)."""
+    return GRU_UNROLL_BY_BACKEND.get(backend, 1)
+
+
+class GRURecurrence(nn.Module):
+    """The GRU's hidden-to-hidden part, params kernel (H, 3H) = W_hh^T and bias (3H,) = b_hh.
+
+    `__call__(x_proj)` maps time-major input projections (S, B, 3H) to the final hidden state
+    (B, H) float32 with `gru_recurrence`; unroll None takes `default_gru_unroll` of the backend
+    at trace time.
     """
 
     hidden_dim: int
     dtype: Any = jnp.float32
+    unroll: int | None = None
+
+    @nn.compact
+    def __call__(self, x_proj):
+        bound = 1.0 / np.sqrt(self.hidden_dim)
+        kernel = self.param("kernel", torch_uniform(bound), (self.hidden_dim, 3 * self.hidden_dim))
+        bias = self.param("bias", torch_uniform(bound), (3 * self.hidden_dim,))
+        unroll = default_gru_unroll(jax.default_backend()) if self.unroll is None else self.unroll
+        return gru_recurrence(x_proj, kernel, bias, self.dtype, unroll)
+
+
+class TorchGRU(nn.Module):
+    """Single-layer unidirectional GRU, h_0 = 0, returning the final hidden state (B, H) float32.
+
+    Input time-major (S, B, D). The input projection W_ih x + b_ih (params `input_proj`, kernel
+    (D, 3H) = W_ih^T, bias (3H,) = b_ih) is one Dense over all S steps before the recurrence,
+    so the recurrence (`GRURecurrence`, params `cell`) only does the (B, H) x (H, 3H) hidden
+    matmul per step. Keeping both bias vectors b_ih and b_hh (Flax's nn.GRUCell folds b_hr, b_hz
+    into the input biases) gives exactly torch's parameter count, 3H(D + H + 2), and a one-to-one
+    weight import.
+    """
+
+    hidden_dim: int
+    dtype: Any = jnp.float32
+    unroll: int | None = None
 
     @nn.compact
     def __call__(self, inputs):
@@ -145,17 +302,7 @@ class TorchGRU(nn.Module):
             bias_init=torch_uniform(bound),
             name="input_proj",
         )(inputs)
-        scan_steps = nn.scan(
-            GRUHiddenStep,
-            variable_broadcast="params",
-            split_rngs={"params": False},
-            in_axes=1,
-            out_axes=1,
-            unroll=inputs.shape[1],
-        )
-        h0 = jnp.zeros((inputs.shape[0], self.hidden_dim), jnp.float32)
-        h_final, _ = scan_steps(self.hidden_dim, self.dtype, name="cell")(h0, x_proj)
-        return h_final
+        return GRURecurrence(self.hidden_dim, self.dtype, self.unroll, name="cell")(x_proj)
 
 
 class IMUEncoder(nn.Module):
@@ -173,6 +320,10 @@ class IMUEncoder(nn.Module):
     Initialisation follows torch's defaults: conv U(+-1/sqrt(C_in k)); GRU weights and biases
     U(+-1/sqrt(hidden_dim)); head weights and biases U(+-1/sqrt(hidden_dim)) (their fan-in);
     GroupNorm scale 1, bias 0.
+    conv_impl: how the three convolutions are computed: "auto" (by backend), "xla" or "matmul",
+    see `resolve_conv_impl`; the params and the numbers are the same for each.
+    gru_unroll: lax.scan unroll of the GRU's loops; None takes `default_gru_unroll` of the backend.
+    Methods `conv_features` and `embed` give the two halves of the encoder (benchmarks time them).
     """
 
     hidden_dim: int = 512
@@ -182,55 +333,50 @@ class IMUEncoder(nn.Module):
     mm_dim: int = 512
     gru_over: str = "channels"
     dtype: Any = jnp.float32
+    conv_impl: str = "auto"
+    gru_unroll: int | None = None
 
-    def _conv(self, x, kernel: int, name: str):
-        fan_in = x.shape[-1] * kernel
-        return nn.Conv(
-            self.conv_channels,
-            kernel_size=(kernel,),
-            kernel_dilation=(CONV_DILATION,),
-            padding="VALID",
-            use_bias=False,
-            dtype=self.dtype,
-            kernel_init=torch_uniform(1.0 / np.sqrt(fan_in)),
-            name=name,
-        )(x)
-
-    def _head(self, emb, features: int, name: str):
+    def setup(self):
+        # torch's GroupNorm on (B, C, T) normalises each group over (C/G x T): on channels-last
+        # Flax's GroupNorm reduces over every non-batch axis within a channel group, the same set.
+        self.input_norm = nn.GroupNorm(num_groups=2, epsilon=1e-5, dtype=self.dtype)
+        self.conv1, self.conv2, self.conv3 = (
+            DilatedConv1D(self.conv_channels, kernel, CONV_DILATION, self.conv_impl, self.dtype)
+            for kernel in CONV_KERNELS
+        )
+        self.feature_norm = nn.GroupNorm(num_groups=4, epsilon=1e-5, dtype=self.dtype)
+        self.gru = TorchGRU(self.hidden_dim, self.dtype, self.gru_unroll)
         bound = 1.0 / np.sqrt(self.hidden_dim)
-        return nn.Dense(
-            features,
-            dtype=self.dtype,
-            kernel_init=torch_uniform(bound),
-            bias_init=torch_uniform(bound),
-            name=name,
-        )(emb)
+        self.ssl_head, self.mmcl_head = (
+            nn.Dense(features, dtype=self.dtype, kernel_init=torch_uniform(bound), bias_init=torch_uniform(bound))
+            for features in (self.ssl_dim, self.mm_dim)
+        )
 
-    @nn.compact
-    def __call__(self, x):
-        if self.gru_over not in GRU_OVER_CHOICES:
-            raise ValueError(f"IMUEncoder.gru_over must be one of {GRU_OVER_CHOICES}, got {self.gru_over!r}")
+    def conv_features(self, x):
+        """The convolutional stack, GroupNorm .. feature_norm: x (B, T, 6) -> (B, pooled_length, C)."""
         if x.ndim != 3 or x.shape[-1] != INPUT_CHANNELS:
             raise ValueError(f"IMUEncoder expects IMU windows of shape (B, T, {INPUT_CHANNELS}), got {x.shape}")
         if x.shape[1] < min_input_length():
             raise ValueError(
                 f"IMUEncoder needs at least {min_input_length()} time steps per window, got {x.shape[1]}"
             )
-        # torch's GroupNorm on (B, C, T) normalises each group over (C/G x T): on channels-last
-        # Flax's GroupNorm reduces over every non-batch axis within a channel group, the same set.
-        x = nn.GroupNorm(num_groups=2, epsilon=1e-5, dtype=self.dtype, name="input_norm")(x)
-        x = self._conv(x, CONV_KERNELS[0], "conv1")
-        x = nn.max_pool(x, (POOL_SIZE,), strides=(POOL_SIZE,), padding="VALID")
-        x = self._conv(x, CONV_KERNELS[1], "conv2")
-        x = nn.max_pool(x, (POOL_SIZE,), strides=(POOL_SIZE,), padding="VALID")
-        x = self._conv(x, CONV_KERNELS[2], "conv3")
+        x = max_pool_floor(self.conv1(self.input_norm(x)), POOL_SIZE)
+        x = max_pool_floor(self.conv2(x), POOL_SIZE)
+        x = self.conv3(x)
         pool = jnp.asarray(adaptive_avg_pool_matrix(x.shape[1], self.pooled_length), self.dtype)
-        x = jnp.einsum("blc,lp->bpc", x, pool)
-        x = nn.GroupNorm(num_groups=4, epsilon=1e-5, dtype=self.dtype, name="feature_norm")(x)
-        steps = jnp.swapaxes(x, 1, 2) if self.gru_over == "channels" else x
-        emb = TorchGRU(self.hidden_dim, self.dtype, name="gru")(steps)
+        return self.feature_norm(jnp.einsum("blc,lp->bpc", x, pool))
+
+    def embed(self, features):
+        """The GRU's final hidden state (B, hidden_dim) of `conv_features`' output (B, L, C)."""
+        if self.gru_over not in GRU_OVER_CHOICES:
+            raise ValueError(f"IMUEncoder.gru_over must be one of {GRU_OVER_CHOICES}, got {self.gru_over!r}")
+        # Time-major steps (S, B, D): over the channels, step c is channel c's pooled bins.
+        return self.gru(jnp.transpose(features, (2, 0, 1) if self.gru_over == "channels" else (1, 0, 2)))
+
+    def __call__(self, x):
+        emb = self.embed(self.conv_features(x))
         return {
             "emb": emb.astype(jnp.float32),
-            "ssl": self._head(emb, self.ssl_dim, "ssl_head").astype(jnp.float32),
-            "mmcl": self._head(emb, self.mm_dim, "mmcl_head").astype(jnp.float32),
+            "ssl": self.ssl_head(emb).astype(jnp.float32),
+            "mmcl": self.mmcl_head(emb).astype(jnp.float32),
         }

@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from primus_jax import augment, data, losses, models, paths, queue as nn_queue
+from primus_jax import augment, data, losses, models, paths, precision, queue as nn_queue
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,7 @@ def make_steps(config: ml_collections.ConfigDict, dims: DataDims, mesh: Mesh):
     """Jitted `train_step(state, batch) -> (state, metrics)` and `eval_step(state, batch) -> metrics`.
 
     Both take the *global* batch sharded along 'data'; the state is replicated and donated.
+    Both are traced under `config.model.matmul_precision` (see `primus_jax.precision`).
     """
     model = build_model(config.model)
     tx = make_optimizer(config.optim)
@@ -218,6 +219,9 @@ def make_steps(config: ml_collections.ConfigDict, dims: DataDims, mesh: Mesh):
         _, (metrics, _) = forward_and_loss(state.params, state.queue, batch, aug_key)
         return metrics
 
+    matmul_precision = config.model.matmul_precision
+    train_step = precision.with_matmul_precision(train_step, matmul_precision)
+    eval_step = precision.with_matmul_precision(eval_step, matmul_precision)
     replicated = NamedSharding(mesh, PartitionSpec())
     sharded = NamedSharding(mesh, PartitionSpec("data"))
     train_step = jax.jit(
@@ -273,6 +277,9 @@ def validate_config(config: ml_collections.ConfigDict, dims: DataDims, num_devic
         problems.append(f"objective.temperature_init must be positive, got {config.objective.temperature_init}")
     if config.model.dtype not in DTYPES:
         problems.append(f"model.dtype must be one of {sorted(DTYPES)}, got {config.model.dtype!r}")
+    if config.model.matmul_precision not in precision.MATMUL_PRECISIONS:
+        problems.append(f"model.matmul_precision must be one of {precision.MATMUL_PRECISIONS}, "
+                        f"got {config.model.matmul_precision!r}")
     if config.model.gru_over not in ("channels", "time"):
         problems.append(f"model.gru_over must be 'channels' or 'time', got {config.model.gru_over!r}")
     if config.objective.nn_retrieve_by not in ("auto", "imu"):

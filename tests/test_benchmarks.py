@@ -3,6 +3,8 @@
 No timing is asserted; only that the reported numbers exist, are consistent and positive.
 """
 import json
+import os
+import subprocess
 import sys
 
 import pytest
@@ -15,23 +17,49 @@ def final_json(capsys) -> dict:
     return json.loads(lines[-1])
 
 
-def test_train_step_benchmark_reports_rates_and_flops(capsys):
+PEER_SCRIPT = """
+import argparse, json
+parser = argparse.ArgumentParser()
+parser.add_argument("--batch-size", type=int)
+parser.add_argument("--steps", type=int)
+parser.add_argument("--device")
+parser.add_argument("--amp", action="store_true")
+args = parser.parse_args()
+print("peer log line")
+print(json.dumps({"batch_size": args.batch_size, "steps": args.steps, "device": args.device, "amp": args.amp,
+                  "samples_per_s": 4.0}))
+"""
+
+
+def test_train_step_benchmark_reports_rates_flops_peaks_and_the_peer(capsys, tmp_path):
+    peer = tmp_path / "peer_step.py"
+    peer.write_text(PEER_SCRIPT)
     code = train_step.main([
         "--batch-size", "8", "--steps", "2", "--hidden-dim", "32", "--queue-size", "64",
-        "--window-length", "128", "--matmul-size", "64"])
+        "--window-length", "128", "--matmul-size", "64", "--matmul-precision", "highest",
+        "--torch-peer", str(peer), "--torch-peer-steps", "3"])
     assert code == 0
     result = final_json(capsys)
-    for field in ("samples_per_s", "gflops_per_s", "matmul_ratio", "batch_size", "devices"):
-        assert field in result
-    assert result["batch_size"] == 8 and result["devices"] == 4
+    assert result["batch_size"] == 8 and result["devices"] == 4 and result["matmul_precision"] == "highest"
     assert result["samples_per_s"] > 0 and result["step_gflop"] > 0 and result["compile_s"] > 0
-    assert result["matmul_ratio"] == pytest.approx(result["gflops_per_s"] / result["matmul_gflops_per_s"], rel=1e-2)
+    assert set(result["matmul_gflops_per_s"]) == {"float32_highest", "float32_default", "bfloat16"}
+    for name, rate in result["matmul_gflops_per_s"].items():
+        assert rate > 0
+        assert result["ratio_to_matmul"][name] == pytest.approx(result["gflops_per_s"] / rate, rel=1e-2)
+    assert result["mfu_peak"] == "float32_highest" and result["mfu"] == result["ratio_to_matmul"]["float32_highest"]
+    assert result["gflops_per_s"] == pytest.approx(result["step_gflop"] * result["samples_per_s"] / 8, rel=1e-2)
+    # the peer got our batch size, its own step count, this backend's device and no --amp for float32
+    assert result["torch_peer"] == {"batch_size": 8, "steps": 3, "device": "cpu", "amp": False, "samples_per_s": 4.0}
+    assert result["ratio_to_torch_peer"] == pytest.approx(result["samples_per_s"] / 4.0, rel=1e-3)
+    assert result["torch_peer_same_model"] is False
 
 
 def test_train_step_benchmark_rejects_a_bad_override(capsys):
     code = train_step.main(["--batch-size", "8", "--steps", "1", "--config-override", "objective.no_such=1"])
     assert code == 1
     assert "objective.no_such" in capsys.readouterr().err
+    assert train_step.main(["--batch-size", "8", "--torch-peer", "no/such/peer.py"]) == 1
+    assert "no/such/peer.py: no such file" in capsys.readouterr().err
 
 
 def test_input_pipeline_benchmark_reports_steady_state_rates_per_worker_count(capsys):
@@ -91,3 +119,30 @@ def test_peak_memory_sees_a_child_that_holds_80_mb(capsys):
 def test_peak_memory_reports_a_failing_command(capsys):
     assert peak_memory.main(["--", sys.executable, "-c", "raise SystemExit(3)"]) == 1
     assert "exited with status 3" in capsys.readouterr().err
+
+
+def test_accelerator_benchmark_runs_small_on_cpu_and_prints_one_table(tmp_path):
+    """The one-command GPU/TPU benchmark at smoke sizes, in a subprocess with XLA's cheap compile flags."""
+    from tests.train_fixtures import repo_root
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.accelerator", "--batch-sizes", "8", "--dtypes", "float32",
+         "--steps", "1", "--parts-windows", "4", "--parts-repeats", "1", "--matmul-size", "128",
+         "--hidden-dim", "32", "--queue-size", "64", "--window-length", "128"],
+        cwd=repo_root(), env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert [(s["batch_size"], s["compute_dtype"]) for s in result["steps"]] == [(8, "float32")]
+    step = result["steps"][0]
+    assert step["samples_per_s"] > 0 and step["mfu_peak"] == "float32_default"
+    assert step["mfu"] == pytest.approx(step["gflops_per_s"] / result["matmul_gflops_per_s"]["float32_default"], rel=1e-2)
+    assert set(result["matmul_gflops_per_s"]) == {"float32_highest", "float32_default", "bfloat16"}
+    assert all(result["parts"]["float32"][part] > 0 for part in ("conv_stack_ms", "gru_ms", "encoder_ms"))
+    table = [line for line in lines if line.startswith("|")]
+    assert table[0] == "| measurement | float32 | bfloat16 |"
+    assert any(line.startswith("| step B=8: samples/s |") for line in table)
+    assert any(line.startswith("| GRU fwd+bwd, 4 windows: ms |") for line in table)
+    assert any(line.startswith("| matmul peak 128^2: TFLOP/s |") for line in table)

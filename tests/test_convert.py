@@ -128,6 +128,7 @@ def encoder_apply():
     return jax.jit(IMUEncoder().apply)
 
 
+@pytest.mark.usefixtures("float32_matmuls")  # the numpy reference is float64
 @pytest.mark.parametrize(
     "T, acc_std, gyro_std",
     [(250, 3.0, 1.0), (1000, 0.02, 0.003)],  # moving; resting (gyro variance near GroupNorm's eps)

@@ -8,6 +8,7 @@ import pytest
 
 from primus_jax import evaluate
 from primus_jax.models import IMUEncoder
+from tests.numerics import assert_close_to_scale
 
 NUM_CLASSES = 4
 DIM = 16
@@ -151,12 +152,13 @@ def tiny_params():
     return jax.jit(TINY_MODEL.init)(jax.random.PRNGKey(0), np.zeros((1, TIME_STEPS, 6), np.float32))["params"]
 
 
-def test_encode_pads_the_last_batch_and_matches_apply(tiny_params):
+def test_encode_pads_the_last_batch_and_matches_apply(tiny_params, float32_matmuls):
     windows, _ = frequency_windows(2, np.random.default_rng(4))  # 6 windows, batches of 4
-    feats = evaluate.encode(TINY_MODEL, tiny_params, windows, batch_size=4)
+    feats = evaluate.encode(TINY_MODEL, tiny_params, windows, batch_size=4, matmul_precision="highest")
     expected = jax.jit(TINY_MODEL.apply)({"params": tiny_params}, windows)["mmcl"]
     assert feats.shape == (6, 8)
-    np.testing.assert_allclose(feats, expected, rtol=1e-5, atol=1e-5)
+    # Batch 4 + padding against batch 6: differently compiled; see tests/numerics.py and the export test.
+    assert_close_to_scale(feats, expected, 5e-5)
 
 
 def test_fine_tune_learns_frequency_classes_beyond_chance(tiny_params):

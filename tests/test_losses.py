@@ -11,6 +11,9 @@ from primus_jax import losses
 
 BATCH, DIM = 8, 16
 
+# The float64 numpy reference needs float32 matmuls, not the TF32 / bfloat16 default of GPUs and TPUs.
+pytestmark = pytest.mark.usefixtures("float32_matmuls")
+
 
 def _numpy_info_nce(query, key, temperature, mask=None):
     """Plain float64 symmetric InfoNCE, written independently of the library."""

@@ -8,6 +8,10 @@ from primus_jax import queue as nnq
 
 SIZE, IMU_DIM, TEXT_DIM, VIDEO_DIM = 10, 5, 4, 3
 
+# The brute-force numpy argmax must rank the similarities as the device does: float32 matmuls,
+# not the TF32 / bfloat16 default of GPUs and TPUs, which can reorder near ties.
+pytestmark = pytest.mark.usefixtures("float32_matmuls")
+
 enqueue_jit = jax.jit(nnq.enqueue)
 lookup_jit = jax.jit(nnq.lookup, static_argnames="retrieve_by")
 

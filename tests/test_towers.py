@@ -5,6 +5,10 @@ from transformers import CLIPVisionConfig
 
 from primus_jax import towers
 
+# Batched against one-by-one embeddings are differently compiled programs compared at 1e-5: float32
+# matmuls, since TF32 / bfloat16 (the GPU / TPU default) would round their inputs to 10 or 8 bits.
+pytestmark = pytest.mark.usefixtures("float32_matmuls")
+
 
 @pytest.fixture(scope="module")
 def minilm():

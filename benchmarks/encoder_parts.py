@@ -1,0 +1,172 @@
+"""Forward + backward time of the encoder's parts: the conv stack, the GRU and the whole encoder.
+
+    python -m benchmarks.encoder_parts --batch-windows 128 [--dtype bfloat16] [--precision highest]
+
+Each part is jitted as the gradient of sum(output * c) for a fixed random cotangent c, with
+respect to its params and (for the GRU, whose input carries gradients in training) its input:
+- conv stack: `IMUEncoder.conv_features`, GroupNorm .. feature_norm, (N, T, 6) -> (N, 32, 32);
+- GRU: `IMUEncoder.embed`, input projection and recurrence, (N, 32, 32) -> (N, 512);
+- encoder: the whole `IMUEncoder` with its ssl and mmcl heads.
+N windows is `--batch-windows` (a train step at batch B encodes 2B windows: two views). Times
+are the best of `--repeats` calls after a warm-up call, in ms. On CPU, when torch is importable
+and the dtype is float32, the same parts of a torch encoder (GroupNorm, Conv1d, MaxPool1d,
+AdaptiveAvgPool1d, nn.GRU, Linear) are timed in the same run, so their ratio is meaningful on
+a shared machine. The last line printed is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from benchmarks import common
+
+PRECISIONS = ("default", "high", "highest")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.encoder_parts", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-windows", type=int, default=128, help="windows per call N (2B for a step at B)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    parser.add_argument("--precision", choices=PRECISIONS, default="default",
+                        help="jax.default_matmul_precision while tracing")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per part (the best is reported)")
+    parser.add_argument("--window-length", type=int, default=250, help="T, samples per window")
+    parser.add_argument("--conv-impl", choices=("auto", "xla", "matmul"), default="auto",
+                        help="IMUEncoder.conv_impl")
+    parser.add_argument("--gru-unroll", type=int, default=0, help="GRU scan unroll; 0 takes the backend's default")
+    parser.add_argument("--no-torch", action="store_true", help="skip the torch parts")
+    return parser
+
+
+def _best_ms(call, repeats: int) -> float:
+    call()  # warm-up (and compilation for a jitted call)
+    return round(1e3 * min(common.time_calls(call, repeats)), 3)
+
+
+def _jax_part_times(batch_windows, dtype, precision, repeats, window_length, conv_impl, gru_unroll) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from primus_jax import models
+
+    model = models.IMUEncoder(dtype=jnp.dtype(dtype), conv_impl=conv_impl, gru_unroll=gru_unroll or None)
+    rng = np.random.default_rng(0)
+    imu = jnp.asarray(rng.standard_normal((batch_windows, window_length, 6)), jnp.float32)
+    params = jax.jit(model.init)(jax.random.key(0), imu)["params"]
+    features = jax.jit(lambda p, x: model.apply({"params": p}, x, method="conv_features"))(params, imu)
+    features = features.astype(jnp.float32)
+
+    def cotangent_loss(method):
+        def loss(p, x):
+            out = model.apply({"params": p}, x, method=method)
+            leaves = jax.tree_util.tree_leaves(out)
+            return sum(jnp.vdot(leaf.astype(jnp.float32), jnp.cos(jnp.arange(leaf.size)).reshape(leaf.shape))
+                       for leaf in leaves)
+        return loss
+
+    parts = {
+        "conv_stack_ms": (jax.grad(cotangent_loss("conv_features")), imu),
+        "gru_ms": (jax.grad(cotangent_loss("embed"), argnums=(0, 1)), features),
+        "encoder_ms": (jax.grad(cotangent_loss("__call__")), imu),
+    }
+    times = {}
+    with jax.default_matmul_precision(None if precision == "default" else precision):
+        for name, (grad, x) in parts.items():
+            compiled = jax.jit(grad).lower(params, x).compile()
+            times[name] = _best_ms(lambda: jax.block_until_ready(compiled(params, x)), repeats)
+    return times
+
+
+def _torch_part_times(batch_windows, repeats, window_length) -> dict:
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    conv_stack = nn.Sequential(
+        nn.GroupNorm(2, 6), nn.Conv1d(6, 32, 10, dilation=2, bias=False), nn.MaxPool1d(3),
+        nn.Conv1d(32, 32, 5, dilation=2, bias=False), nn.MaxPool1d(3),
+        nn.Conv1d(32, 32, 5, dilation=2, bias=False), nn.AdaptiveAvgPool1d(32), nn.GroupNorm(4, 32))
+    gru = nn.GRU(32, 512, batch_first=True)
+    heads = nn.ModuleList([nn.Linear(512, 512), nn.Linear(512, 512)])
+    imu = torch.randn(batch_windows, 6, window_length)
+    features = torch.randn(batch_windows, 32, 32, requires_grad=True)
+
+    def backward(outputs):
+        sum(out.sum() for out in outputs).backward()
+
+    def encoder():
+        emb = gru(conv_stack(imu))[1][0]
+        return [head(emb) for head in heads]
+
+    calls = {
+        "torch_conv_stack_ms": lambda: backward([conv_stack(imu)]),
+        "torch_gru_ms": lambda: backward([gru(features)[1][0]]),
+        "torch_encoder_ms": lambda: backward(encoder()),
+    }
+    return {name: _best_ms(call, repeats) for name, call in calls.items()}
+
+
+def time_encoder_parts(batch_windows: int, dtype: str = "float32", precision: str = "default", repeats: int = 5,
+                       window_length: int = 250, conv_impl: str = "auto", gru_unroll: int = 0,
+                       with_torch: bool = True) -> dict:
+    """ms of forward + backward for the conv stack, the GRU and the whole encoder over N windows.
+
+    Returns {"conv_stack_ms", "gru_ms", "encoder_ms"} for ours and, on CPU with torch importable
+    and dtype float32 (unless with_torch is False), {"torch_conv_stack_ms", "torch_gru_ms",
+    "torch_encoder_ms"} timed in the same process. dtype "float32" or "bfloat16"; precision one
+    of "default", "high", "highest" (jax.default_matmul_precision while tracing).
+    """
+    import jax
+
+    if batch_windows < 1 or repeats < 1:
+        raise ValueError(f"--batch-windows and --repeats must be positive, got {batch_windows} and {repeats}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    times = _jax_part_times(batch_windows, dtype, precision, repeats, window_length, conv_impl, gru_unroll)
+    if with_torch and dtype == "float32" and jax.default_backend() == "cpu":
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            return times
+        times.update(_torch_part_times(batch_windows, repeats, window_length))
+    return times
+
+
+def run(args: argparse.Namespace) -> dict:
+    start = time.perf_counter()
+    times = time_encoder_parts(args.batch_windows, args.dtype, args.precision, args.repeats, args.window_length,
+                               args.conv_impl, args.gru_unroll, not args.no_torch)
+    return {
+        "benchmark": "encoder_parts",
+        "batch_windows": args.batch_windows,
+        "dtype": args.dtype,
+        "precision": args.precision,
+        "conv_impl": args.conv_impl,
+        "gru_unroll": args.gru_unroll,
+        "window_length": args.window_length,
+        "repeats": args.repeats,
+        **times,
+        "wall_s": round(time.perf_counter() - start, 2),
+        **common.machine_description(),
+    }
+
+
+def summary(result: dict) -> list[str]:
+    lines = [f"{result['batch_windows']} windows, {result['dtype']}, precision {result['precision']}, "
+             f"forward + backward, best of {result['repeats']}:"]
+    for part in ("conv_stack", "gru", "encoder"):
+        line = f"  {part:<10} ours {result[part + '_ms']:9.3f} ms"
+        if f"torch_{part}_ms" in result:
+            line += f"   torch {result[f'torch_{part}_ms']:9.3f} ms"
+        lines.append(line)
+    return lines
+
+
+def main(argv=None) -> int:
+    return common.run_cli(build_parser(), run, summary, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""The encoder's fast formulations equal the plain ones: the GRU's custom VJP against autodiff
+through a step loop (and float64 numpy), the im2col convolution against XLA's convolution, the
+reshape max-pool against nn.max_pool; forward and gradients, and the param tree unchanged.
+
+Matmuls run at "highest" precision so that float32 comparisons hold on CPU, GPU and TPU alike;
+differently compiled float32 programs then agree to ~1e-6 relative, checked at 1e-5.
+"""
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from primus_jax.models import (
+    IMUEncoder,
+    dilated_conv1d_matmul,
+    gru_recurrence,
+    max_pool_floor,
+    resolve_conv_impl,
+)
+
+RTOL = 1e-5
+
+
+def assert_close(actual, expected, rtol=RTOL, name=""):
+    """max |actual - expected| <= rtol * max |expected|: a relative bound that tiny entries cannot break."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, (name, actual.shape, expected.shape)
+    error, scale = np.abs(actual - expected).max(), np.abs(expected).max()
+    assert error <= rtol * scale, f"{name}: max abs error {error:.3g} > {rtol} * {scale:.3g}"
+
+
+def numpy_gru_final_state(x_proj, kernel, bias):
+    """torch's GRU equations in float64 numpy over time-major x_proj (S, B, 3H), h_0 = 0."""
+    x_proj, kernel, bias = (np.asarray(a, np.float64) for a in (x_proj, kernel, bias))
+    hidden = kernel.shape[0]
+    h = np.zeros((x_proj.shape[1], hidden))
+    sigmoid = lambda v: 1.0 / (1.0 + np.exp(-v))  # noqa: E731
+    for x_t in x_proj:
+        h_proj = h @ kernel + bias
+        r = sigmoid(x_t[:, :hidden] + h_proj[:, :hidden])
+        z = sigmoid(x_t[:, hidden : 2 * hidden] + h_proj[:, hidden : 2 * hidden])
+        n = np.tanh(x_t[:, 2 * hidden :] + r * h_proj[:, 2 * hidden :])
+        h = (1 - z) * n + z * h
+    return h
+
+
+def autodiff_gru_final_state(x_proj, kernel, bias):
+    """The previous formulation: a plain step loop that jax differentiates itself."""
+    hidden = kernel.shape[0]
+    h = jnp.zeros((x_proj.shape[1], hidden), jnp.float32)
+    for x_t in x_proj:
+        h_proj = h @ kernel + bias
+        r = jax.nn.sigmoid(x_t[:, :hidden] + h_proj[:, :hidden])
+        z = jax.nn.sigmoid(x_t[:, hidden : 2 * hidden] + h_proj[:, hidden : 2 * hidden])
+        n = jnp.tanh(x_t[:, 2 * hidden :] + r * h_proj[:, 2 * hidden :])
+        h = (1 - z) * n + z * h
+    return h
+
+
+def gru_inputs(steps=7, batch=5, hidden=24, seed=0):
+    rng = np.random.default_rng(seed)
+    bound = 1 / np.sqrt(hidden)
+    x_proj = rng.normal(0.0, 1.0, (steps, batch, 3 * hidden)).astype(np.float32)
+    kernel = rng.uniform(-bound, bound, (hidden, 3 * hidden)).astype(np.float32)
+    bias = rng.uniform(-bound, bound, (3 * hidden,)).astype(np.float32)
+    cotangent = rng.normal(size=(batch, hidden)).astype(np.float32)
+    return x_proj, kernel, bias, cotangent
+
+
+def cotangent_grads(function, cotangent, *args):
+    """Gradients of sum(function(*args) * cotangent) with respect to every argument."""
+    loss = lambda *a: jnp.vdot(function(*a), cotangent)  # noqa: E731
+    return jax.jit(jax.grad(loss, argnums=tuple(range(len(args)))))(*args)
+
+
+@pytest.mark.parametrize("unroll", [1, 3, 7])
+def test_gru_recurrence_forward_matches_float64_numpy(unroll):
+    x_proj, kernel, bias, _ = gru_inputs()
+    with jax.default_matmul_precision("highest"):
+        h = jax.jit(lambda *a: gru_recurrence(*a, unroll=unroll))(x_proj, kernel, bias)
+    assert h.dtype == jnp.float32
+    assert_close(h, numpy_gru_final_state(x_proj, kernel, bias))
+
+
+@pytest.mark.parametrize("unroll", [1, 7])
+def test_gru_recurrence_gradients_match_autodiff(unroll):
+    x_proj, kernel, bias, cotangent = gru_inputs()
+    with jax.default_matmul_precision("highest"):
+        custom = cotangent_grads(lambda *a: gru_recurrence(*a, unroll=unroll), cotangent, x_proj, kernel, bias)
+        reference = cotangent_grads(autodiff_gru_final_state, cotangent, x_proj, kernel, bias)
+    for name, got, expected in zip(("x_proj", "kernel", "bias"), custom, reference):
+        assert_close(got, expected, name=name)
+
+
+def test_gru_recurrence_bfloat16_keeps_float32_state_and_gradients():
+    """bfloat16 matmuls, float32 gates and state: output and gradients float32 and near float32's."""
+    x_proj, kernel, bias, cotangent = gru_inputs()
+    x_bf16 = jnp.asarray(x_proj, jnp.bfloat16)
+    h = jax.jit(lambda *a: gru_recurrence(*a, dtype=jnp.bfloat16))(x_bf16, kernel, bias)
+    assert h.dtype == jnp.float32
+    assert_close(h, numpy_gru_final_state(x_proj, kernel, bias), rtol=3e-2)
+    grads = cotangent_grads(lambda *a: gru_recurrence(*a, dtype=jnp.bfloat16), cotangent, x_bf16, kernel, bias)
+    assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.float32, jnp.float32]
+    with jax.default_matmul_precision("highest"):
+        reference = cotangent_grads(autodiff_gru_final_state, cotangent, x_proj, kernel, bias)
+    for name, got, expected in zip(("x_proj", "kernel", "bias"), grads, reference):
+        assert_close(got, expected, rtol=5e-2, name=name)
+
+
+@pytest.mark.parametrize("length, kernel_size, channels_in", [(40, 10, 6), (25, 5, 8)])
+def test_matmul_convolution_equals_xla_convolution(length, kernel_size, channels_in):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(3, length, channels_in)).astype(np.float32)
+    kernel = rng.normal(size=(kernel_size, channels_in, 4)).astype(np.float32)
+    out_length = length - 2 * (kernel_size - 1)
+    direct = sum(np.einsum("blc,co->blo", x[:, 2 * j : 2 * j + out_length], kernel[j]) for j in range(kernel_size))
+    cotangent = rng.normal(size=(3, out_length, 4)).astype(np.float32)
+
+    def xla(x, kernel):
+        return jax.lax.conv_general_dilated(x, kernel, (1,), "VALID", rhs_dilation=(2,),
+                                            dimension_numbers=("NWC", "WIO", "NWC"))
+
+    def matmul(x, kernel):
+        return dilated_conv1d_matmul(x, kernel, 2)
+
+    with jax.default_matmul_precision("highest"):
+        assert_close(jax.jit(matmul)(x, kernel), direct)
+        assert_close(jax.jit(xla)(x, kernel), direct)
+        for name, got, expected in zip(("x", "kernel"), cotangent_grads(matmul, cotangent, x, kernel),
+                                       cotangent_grads(xla, cotangent, x, kernel)):
+            assert_close(got, expected, name=name)
+
+
+def test_reshape_max_pool_equals_nn_max_pool():
+    x = np.random.default_rng(2).normal(size=(2, 232, 5)).astype(np.float32)  # 232 = 3 * 77 + 1: floor mode
+    cotangent = np.random.default_rng(3).normal(size=(2, 77, 5)).astype(np.float32)
+    reference = lambda v: nn.max_pool(v, (3,), strides=(3,), padding="VALID")  # noqa: E731
+    pooled = jax.jit(lambda v: max_pool_floor(v, 3))(x)
+    np.testing.assert_array_equal(pooled, reference(x))
+    (grad,) = cotangent_grads(lambda v: max_pool_floor(v, 3), cotangent, x)
+    (expected,) = cotangent_grads(reference, cotangent, x)
+    np.testing.assert_array_equal(grad, expected)
+
+
+def test_conv_impl_auto_picks_xla_on_cpu_and_matmul_elsewhere():
+    assert resolve_conv_impl("auto", "cpu") == "xla"
+    assert resolve_conv_impl("auto", "gpu") == "matmul"
+    assert resolve_conv_impl("auto", "tpu") == "matmul"
+    assert resolve_conv_impl("xla", "gpu") == "xla"
+    with pytest.raises(ValueError, match="conv_impl must be one of"):
+        resolve_conv_impl("cudnn", "cpu")
+
+
+@pytest.fixture(scope="module")
+def small_encoder_case():
+    """A narrow encoder (hidden 32) and T=130 windows, with params and a loss cotangent."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(3, 130, 6)).astype(np.float32)
+    x[..., 2] += 9.81
+    params = IMUEncoder(hidden_dim=32, ssl_dim=16, mm_dim=16).init(jax.random.key(0), x)["params"]
+    return x, params
+
+
+def encoder_outputs_and_grads(model, params, x):
+    def loss(p):
+        out = model.apply({"params": p}, x)
+        return sum(jnp.sum(v * jnp.cos(jnp.arange(v.size).reshape(v.shape))) for v in out.values()), out
+
+    with jax.default_matmul_precision("highest"):
+        return jax.jit(jax.grad(loss, has_aux=True))(params)
+
+
+def test_encoder_conv_impls_give_equal_outputs_and_gradients(small_encoder_case):
+    x, params = small_encoder_case
+    models = {impl: IMUEncoder(hidden_dim=32, ssl_dim=16, mm_dim=16, conv_impl=impl, gru_unroll=1)
+              for impl in ("xla", "matmul")}
+    results = {impl: encoder_outputs_and_grads(model, params, x) for impl, model in models.items()}
+    (grads_xla, out_xla), (grads_matmul, out_matmul) = results["xla"], results["matmul"]
+    for name in out_xla:
+        assert_close(out_matmul[name], out_xla[name], name=name)
+    flat_xla = flax.traverse_util.flatten_dict(grads_xla)
+    for path, grad in flax.traverse_util.flatten_dict(grads_matmul).items():
+        assert_close(grad, flat_xla[path], name="/".join(path))
+
+
+def test_encoder_param_tree_is_unchanged_by_the_formulations():
+    """The names and shapes that checkpoints and the torch weight import rely on."""
+    x = np.zeros((1, 250, 6), np.float32)
+    expected = {
+        ("input_norm", "scale"): (6,), ("input_norm", "bias"): (6,),
+        ("conv1", "kernel"): (10, 6, 32), ("conv2", "kernel"): (5, 32, 32), ("conv3", "kernel"): (5, 32, 32),
+        ("feature_norm", "scale"): (32,), ("feature_norm", "bias"): (32,),
+        ("gru", "input_proj", "kernel"): (32, 1536), ("gru", "input_proj", "bias"): (1536,),
+        ("gru", "cell", "kernel"): (512, 1536), ("gru", "cell", "bias"): (1536,),
+        ("ssl_head", "kernel"): (512, 512), ("ssl_head", "bias"): (512,),
+        ("mmcl_head", "kernel"): (512, 512), ("mmcl_head", "bias"): (512,),
+    }
+    for impl in ("auto", "xla", "matmul"):
+        shapes = jax.eval_shape(IMUEncoder(conv_impl=impl).init, jax.random.key(0), x)["params"]
+        flat = {path: leaf.shape for path, leaf in flax.traverse_util.flatten_dict(shapes).items()}
+        assert flat == expected, impl
+
+
+def test_encoder_rejects_an_unknown_conv_impl(small_encoder_case):
+    x, params = small_encoder_case
+    with pytest.raises(ValueError, match="conv_impl must be one of"):
+        IMUEncoder(hidden_dim=32, ssl_dim=16, mm_dim=16, conv_impl="cudnn").apply({"params": params}, x)
