@@ -84,9 +84,10 @@ def test_gru_recurrence_forward_matches_float64_numpy(unroll):
     assert_close(h, numpy_gru_final_state(x_proj, kernel, bias))
 
 
-@pytest.mark.parametrize("unroll", [1, 7])
-def test_gru_recurrence_gradients_match_autodiff(unroll):
-    x_proj, kernel, bias, cotangent = gru_inputs()
+@pytest.mark.parametrize("steps, unroll", [(1, 1), (2, 1), (7, 1), (7, 6)])
+def test_gru_recurrence_gradients_match_autodiff(steps, unroll):
+    """Step 1 (h_0 = 0, no matmul) is handled outside the loop: S = 1 and 2 check its edges."""
+    x_proj, kernel, bias, cotangent = gru_inputs(steps=steps)
     with jax.default_matmul_precision("highest"):
         custom = cotangent_grads(lambda *a: gru_recurrence(*a, unroll=unroll), cotangent, x_proj, kernel, bias)
         reference = cotangent_grads(autodiff_gru_final_state, cotangent, x_proj, kernel, bias)
