@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hidden-dim", type=int, default=512, help="GRU and head width, default model 512")
     parser.add_argument("--conv-impl", choices=("auto", "xla", "matmul"), default="auto",
                         help="IMUEncoder.conv_impl")
-    parser.add_argument("--gru-unroll", type=int, default=0, help="GRU scan unroll; 0 (default) unrolls fully")
+    parser.add_argument("--gru-unroll", type=int, default=0, help="GRU scan unroll; 0 (default) takes the backend's default")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch parts")
     return parser
 
@@ -119,7 +119,7 @@ def time_encoder_parts(batch_windows: int, dtype: str = "float32", precision: st
     and dtype float32 (unless with_torch is False), {"torch_conv_stack_ms", "torch_gru_ms",
     "torch_encoder_ms"} timed in the same process. dtype "float32" or "bfloat16"; precision one
     of "default", "high", "highest" (jax.default_matmul_precision while tracing); conv_impl is
-    IMUEncoder.conv_impl; gru_unroll the GRU loops' unroll, 0 for IMUEncoder's default (full).
+    IMUEncoder.conv_impl; gru_unroll the GRU loops' unroll, 0 for the backend's default.
     """
     import jax
 

@@ -36,6 +36,8 @@ POOLED_LENGTH = 32
 """Output length of the adaptive average pool in the reference."""
 GRU_OVER_CHOICES = ("channels", "time")
 CONV_IMPL_CHOICES = ("auto", "xla", "matmul")
+GRU_UNROLL_BY_BACKEND = {"cpu": 1}
+"""Default lax.scan unroll of the GRU loops per backend; other backends unroll fully (True)."""
 
 
 def torch_uniform(bound: float):
@@ -96,9 +98,10 @@ def count_params(params) -> int:
 def resolve_conv_impl(conv_impl: str, backend: str) -> str:
     """"xla" or "matmul" for `conv_impl` in CONV_IMPL_CHOICES; "auto" picks by backend.
 
-    "auto" is "xla" (lax.conv_general_dilated, as nn.Conv) on CPU, where XLA's convolution
-    was faster, and "matmul" (`dilated_conv1d_matmul`) on GPU and TPU, where XLA's convolution
-    path is slow for these narrow dilated 1-D convolutions (README, Encoder speed).
+    "auto" is "xla" (lax.conv_general_dilated, as nn.Conv, and nn.max_pool) on CPU, where XLA's
+    convolution was faster, and "matmul" (`dilated_conv1d_matmul` and a reshape max-pool, see
+    `max_pool_floor`) on GPU and TPU, where XLA's convolution path is slow for these narrow
+    dilated 1-D convolutions (README, Encoder speed).
     """
     if conv_impl not in CONV_IMPL_CHOICES:
         raise ValueError(f"IMUEncoder.conv_impl must be one of {CONV_IMPL_CHOICES}, got {conv_impl!r}")
@@ -121,12 +124,16 @@ def dilated_conv1d_matmul(x, kernel, dilation: int):
     return jnp.einsum("blkc,kco->blo", patches, kernel)
 
 
-def max_pool_floor(x, size: int):
+def max_pool_floor(x, size: int, impl: str):
     """MaxPool1d(size, stride size), floor mode: (B, L, C) -> (B, floor(L / size), C).
 
-    Written as reshape + max over the window axis (equal to nn.max_pool with VALID padding); its
-    gradient is an elementwise mask rather than XLA's select-and-scatter.
+    impl "xla": nn.max_pool (lax.reduce_window; its gradient is XLA's select-and-scatter), which
+    measured a little cheaper on CPU. impl "matmul": reshape to (B, L / size, size, C) and max
+    over the window axis, whose gradient is an elementwise mask, the plain form for accelerators.
+    Both give equal values, and equal gradients where a window has no ties.
     """
+    if impl == "xla":
+        return nn.max_pool(x, (size,), strides=(size,), padding="VALID")
     batch, length, channels = x.shape
     pooled = length // size
     return x[:, : pooled * size].reshape(batch, pooled, size, channels).max(axis=2)
@@ -268,9 +275,11 @@ class GRURecurrence(nn.Module):
     """The GRU's hidden-to-hidden part, params kernel (H, 3H) = W_hh^T and bias (3H,) = b_hh.
 
     `__call__(x_proj)` maps time-major input projections (S, B, 3H) to the final hidden state
-    (B, H) float32 with `gru_recurrence`. unroll None unrolls the loops fully: on CPU that ran
-    faster than a rolled loop (README, Encoder speed), and XLA's cost analysis then counts every
-    step's FLOPs (it counts a loop body once).
+    (B, H) float32 with `gru_recurrence`. unroll None takes GRU_UNROLL_BY_BACKEND for the
+    backend at trace time: a rolled loop on CPU, where it measured ~15% faster per train step at
+    B = 64 than a fully unrolled one (README, Encoder speed), full unrolling elsewhere (as the
+    GRU measured on GPU). XLA's cost analysis counts a rolled loop's body once, so on CPU the
+    compiled step's FLOP count omits 30 of the GRU's 31 hidden steps.
     """
 
     hidden_dim: int
@@ -282,7 +291,8 @@ class GRURecurrence(nn.Module):
         bound = 1.0 / np.sqrt(self.hidden_dim)
         kernel = self.param("kernel", torch_uniform(bound), (self.hidden_dim, 3 * self.hidden_dim))
         bias = self.param("bias", torch_uniform(bound), (3 * self.hidden_dim,))
-        return gru_recurrence(x_proj, kernel, bias, self.dtype, True if self.unroll is None else self.unroll)
+        unroll = GRU_UNROLL_BY_BACKEND.get(jax.default_backend(), True) if self.unroll is None else self.unroll
+        return gru_recurrence(x_proj, kernel, bias, self.dtype, unroll)
 
 
 class TorchGRU(nn.Module):
@@ -330,7 +340,7 @@ class IMUEncoder(nn.Module):
     GroupNorm scale 1, bias 0.
     conv_impl: how the three convolutions are computed: "auto" (by backend), "xla" or "matmul",
     see `resolve_conv_impl`; the params and the numbers are the same for each.
-    gru_unroll: lax.scan unroll of the GRU's loops; None unrolls them fully (see `GRURecurrence`).
+    gru_unroll: lax.scan unroll of the GRU's loops; None takes the backend's default (`GRURecurrence`).
     Methods `conv_features` and `embed` give the two halves of the encoder (benchmarks time them).
     """
 
@@ -368,8 +378,9 @@ class IMUEncoder(nn.Module):
             raise ValueError(
                 f"IMUEncoder needs at least {min_input_length()} time steps per window, got {x.shape[1]}"
             )
-        x = max_pool_floor(self.conv1(self.input_norm(x)), POOL_SIZE)
-        x = max_pool_floor(self.conv2(x), POOL_SIZE)
+        impl = resolve_conv_impl(self.conv_impl, jax.default_backend())
+        x = max_pool_floor(self.conv1(self.input_norm(x)), POOL_SIZE, impl)
+        x = max_pool_floor(self.conv2(x), POOL_SIZE, impl)
         x = self.conv3(x)
         pool = jnp.asarray(adaptive_avg_pool_matrix(x.shape[1], self.pooled_length), self.dtype)
         return self.feature_norm(jnp.einsum("blc,lp->bpc", x, pool))

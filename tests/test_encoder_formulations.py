@@ -138,9 +138,10 @@ def test_reshape_max_pool_equals_nn_max_pool():
     x = np.random.default_rng(2).normal(size=(2, 232, 5)).astype(np.float32)  # 232 = 3 * 77 + 1: floor mode
     cotangent = np.random.default_rng(3).normal(size=(2, 77, 5)).astype(np.float32)
     reference = lambda v: nn.max_pool(v, (3,), strides=(3,), padding="VALID")  # noqa: E731
-    pooled = jax.jit(lambda v: max_pool_floor(v, 3))(x)
+    np.testing.assert_array_equal(jax.jit(lambda v: max_pool_floor(v, 3, "xla"))(x), reference(x))
+    pooled = jax.jit(lambda v: max_pool_floor(v, 3, "matmul"))(x)
     np.testing.assert_array_equal(pooled, reference(x))
-    (grad,) = cotangent_grads(lambda v: max_pool_floor(v, 3), cotangent, x)
+    (grad,) = cotangent_grads(lambda v: max_pool_floor(v, 3, "matmul"), cotangent, x)
     (expected,) = cotangent_grads(reference, cotangent, x)
     np.testing.assert_array_equal(grad, expected)
 
