@@ -277,9 +277,9 @@ class GRURecurrence(nn.Module):
     `__call__(x_proj)` maps time-major input projections (S, B, 3H) to the final hidden state
     (B, H) float32 with `gru_recurrence`. unroll None takes GRU_UNROLL_BY_BACKEND for the
     backend at trace time: a rolled loop on CPU, where it measured ~15% faster per train step at
-    B = 64 than a fully unrolled one (README, Encoder speed), full unrolling elsewhere (as the
-    GRU measured on GPU). XLA's cost analysis counts a rolled loop's body once, so on CPU the
-    compiled step's FLOP count omits 30 of the GRU's 31 hidden steps.
+    B = 64 than a fully unrolled one (README, Encoder speed); full unrolling elsewhere, as the
+    GRU was when measured on a GPU (a rolled loop there is unmeasured). XLA's cost analysis counts a rolled loop's body once, so on CPU the
+    compiled step's FLOP count includes one of the loop's 31 hidden steps (forward and backward).
     """
 
     hidden_dim: int
