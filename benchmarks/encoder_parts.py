@@ -5,7 +5,7 @@
 Each part is jitted as the gradient of sum(output * c) for a fixed random cotangent c, with
 respect to its params and (for the GRU, whose input carries gradients in training) its input:
 - conv stack: `IMUEncoder.conv_features`, GroupNorm .. feature_norm, (N, T, 6) -> (N, 32, 32);
-- GRU: `IMUEncoder.embed`, input projection and recurrence, (N, 32, 32) -> (N, 512);
+- GRU: `IMUEncoder.embed`, input projection and recurrence, (N, 32, 32) -> (N, hidden_dim);
 - encoder: the whole `IMUEncoder` with its ssl and mmcl heads.
 N windows is `--batch-windows` (a train step at batch B encodes 2B windows: two views). Times
 are the best of `--repeats` calls after a warm-up call, in ms. On CPU, when torch is importable
@@ -32,9 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="jax.default_matmul_precision while tracing")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per part (the best is reported)")
     parser.add_argument("--window-length", type=int, default=250, help="T, samples per window")
+    parser.add_argument("--hidden-dim", type=int, default=512, help="GRU and head width, default model 512")
     parser.add_argument("--conv-impl", choices=("auto", "xla", "matmul"), default="auto",
                         help="IMUEncoder.conv_impl")
-    parser.add_argument("--gru-unroll", type=int, default=0, help="GRU scan unroll; 0 takes the backend's default")
+    parser.add_argument("--gru-unroll", type=int, default=0, help="GRU scan unroll; 0 (default) takes the backend's default")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch parts")
     return parser
 
@@ -44,14 +45,15 @@ def _best_ms(call, repeats: int) -> float:
     return round(1e3 * min(common.time_calls(call, repeats)), 3)
 
 
-def _jax_part_times(batch_windows, dtype, precision, repeats, window_length, conv_impl, gru_unroll) -> dict:
+def _jax_part_times(batch_windows, dtype, precision, repeats, window_length, hidden_dim, conv_impl, gru_unroll) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from primus_jax import models
 
-    model = models.IMUEncoder(dtype=jnp.dtype(dtype), conv_impl=conv_impl, gru_unroll=gru_unroll or None)
+    model = models.IMUEncoder(hidden_dim=hidden_dim, ssl_dim=hidden_dim, mm_dim=hidden_dim, dtype=jnp.dtype(dtype),
+                              conv_impl=conv_impl, gru_unroll=gru_unroll or None)
     rng = np.random.default_rng(0)
     imu = jnp.asarray(rng.standard_normal((batch_windows, window_length, 6)), jnp.float32)
     params = jax.jit(model.init)(jax.random.key(0), imu)["params"]
@@ -79,7 +81,7 @@ def _jax_part_times(batch_windows, dtype, precision, repeats, window_length, con
     return times
 
 
-def _torch_part_times(batch_windows, repeats, window_length) -> dict:
+def _torch_part_times(batch_windows, repeats, window_length, hidden_dim) -> dict:
     import torch
     from torch import nn
 
@@ -88,8 +90,8 @@ def _torch_part_times(batch_windows, repeats, window_length) -> dict:
         nn.GroupNorm(2, 6), nn.Conv1d(6, 32, 10, dilation=2, bias=False), nn.MaxPool1d(3),
         nn.Conv1d(32, 32, 5, dilation=2, bias=False), nn.MaxPool1d(3),
         nn.Conv1d(32, 32, 5, dilation=2, bias=False), nn.AdaptiveAvgPool1d(32), nn.GroupNorm(4, 32))
-    gru = nn.GRU(32, 512, batch_first=True)
-    heads = nn.ModuleList([nn.Linear(512, 512), nn.Linear(512, 512)])
+    gru = nn.GRU(32, hidden_dim, batch_first=True)
+    heads = nn.ModuleList([nn.Linear(hidden_dim, hidden_dim), nn.Linear(hidden_dim, hidden_dim)])
     imu = torch.randn(batch_windows, 6, window_length)
     features = torch.randn(batch_windows, 32, 32, requires_grad=True)
 
@@ -109,14 +111,15 @@ def _torch_part_times(batch_windows, repeats, window_length) -> dict:
 
 
 def time_encoder_parts(batch_windows: int, dtype: str = "float32", precision: str = "default", repeats: int = 5,
-                       window_length: int = 250, conv_impl: str = "auto", gru_unroll: int = 0,
-                       with_torch: bool = True) -> dict:
+                       window_length: int = 250, hidden_dim: int = 512, conv_impl: str = "auto",
+                       gru_unroll: int = 0, with_torch: bool = True) -> dict:
     """ms of forward + backward for the conv stack, the GRU and the whole encoder over N windows.
 
     Returns {"conv_stack_ms", "gru_ms", "encoder_ms"} for ours and, on CPU with torch importable
     and dtype float32 (unless with_torch is False), {"torch_conv_stack_ms", "torch_gru_ms",
     "torch_encoder_ms"} timed in the same process. dtype "float32" or "bfloat16"; precision one
-    of "default", "high", "highest" (jax.default_matmul_precision while tracing).
+    of "default", "high", "highest" (jax.default_matmul_precision while tracing); conv_impl is
+    IMUEncoder.conv_impl; gru_unroll the GRU loops' unroll, 0 for the backend's default.
     """
     import jax
 
@@ -124,20 +127,20 @@ def time_encoder_parts(batch_windows: int, dtype: str = "float32", precision: st
         raise ValueError(f"--batch-windows and --repeats must be positive, got {batch_windows} and {repeats}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    times = _jax_part_times(batch_windows, dtype, precision, repeats, window_length, conv_impl, gru_unroll)
+    times = _jax_part_times(batch_windows, dtype, precision, repeats, window_length, hidden_dim, conv_impl, gru_unroll)
     if with_torch and dtype == "float32" and jax.default_backend() == "cpu":
         try:
             import torch  # noqa: F401
         except ImportError:
             return times
-        times.update(_torch_part_times(batch_windows, repeats, window_length))
+        times.update(_torch_part_times(batch_windows, repeats, window_length, hidden_dim))
     return times
 
 
 def run(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     times = time_encoder_parts(args.batch_windows, args.dtype, args.precision, args.repeats, args.window_length,
-                               args.conv_impl, args.gru_unroll, not args.no_torch)
+                               args.hidden_dim, args.conv_impl, args.gru_unroll, not args.no_torch)
     return {
         "benchmark": "encoder_parts",
         "batch_windows": args.batch_windows,
@@ -146,6 +149,7 @@ def run(args: argparse.Namespace) -> dict:
         "conv_impl": args.conv_impl,
         "gru_unroll": args.gru_unroll,
         "window_length": args.window_length,
+        "hidden_dim": args.hidden_dim,
         "repeats": args.repeats,
         **times,
         "wall_s": round(time.perf_counter() - start, 2),

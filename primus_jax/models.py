@@ -35,8 +35,9 @@ POOL_SIZE = 3
 POOLED_LENGTH = 32
 """Output length of the adaptive average pool in the reference."""
 GRU_OVER_CHOICES = ("channels", "time")
-GRU_UNROLL_BY_BACKEND = {"cpu": 32}
 CONV_IMPL_CHOICES = ("auto", "xla", "matmul")
+GRU_UNROLL_BY_BACKEND = {"cpu": 1}
+"""Default lax.scan unroll of the GRU loops per backend; other backends unroll fully (True)."""
 
 
 def torch_uniform(bound: float):
@@ -97,9 +98,10 @@ def count_params(params) -> int:
 def resolve_conv_impl(conv_impl: str, backend: str) -> str:
     """"xla" or "matmul" for `conv_impl` in CONV_IMPL_CHOICES; "auto" picks by backend.
 
-    "auto" is "xla" (lax.conv_general_dilated, as nn.Conv) on CPU, where XLA's convolution
-    was faster, and "matmul" (`dilated_conv1d_matmul`) on GPU and TPU, where XLA's convolution
-    path is slow for these narrow dilated 1-D convolutions (README, Encoder speed).
+    "auto" is "xla" (lax.conv_general_dilated, as nn.Conv, and nn.max_pool) on CPU, where XLA's
+    convolution was faster, and "matmul" (`dilated_conv1d_matmul` and a reshape max-pool, see
+    `max_pool_floor`) on GPU and TPU, where XLA's convolution path is slow for these narrow
+    dilated 1-D convolutions (README, Encoder speed).
     """
     if conv_impl not in CONV_IMPL_CHOICES:
         raise ValueError(f"IMUEncoder.conv_impl must be one of {CONV_IMPL_CHOICES}, got {conv_impl!r}")
@@ -122,12 +124,16 @@ def dilated_conv1d_matmul(x, kernel, dilation: int):
     return jnp.einsum("blkc,kco->blo", patches, kernel)
 
 
-def max_pool_floor(x, size: int):
+def max_pool_floor(x, size: int, impl: str):
     """MaxPool1d(size, stride size), floor mode: (B, L, C) -> (B, floor(L / size), C).
 
-    Written as reshape + max over the window axis (equal to nn.max_pool with VALID padding); its
-    gradient is an elementwise mask rather than XLA's select-and-scatter.
+    impl "xla": nn.max_pool (lax.reduce_window; its gradient is XLA's select-and-scatter), which
+    measured a little cheaper on CPU. impl "matmul": reshape to (B, L / size, size, C) and max
+    over the window axis, whose gradient is an elementwise mask, the plain form for accelerators.
+    Both give equal values, and equal gradients where a window has no ties.
     """
+    if impl == "xla":
+        return nn.max_pool(x, (size,), strides=(size,), padding="VALID")
     batch, length, channels = x.shape
     pooled = length // size
     return x[:, : pooled * size].reshape(batch, pooled, size, channels).max(axis=2)
@@ -176,43 +182,51 @@ def _gru_gates(x_t, h_proj, h):
 
 
 def _gru_forward(x_proj, kernel, bias, dtype, unroll):
-    """The recurrence from h_0 = 0; returns (h_S, per-step residuals (h_{t-1}, r, z, n, h_n))."""
+    """The recurrence from h_0 = 0: returns (h_S, residuals for `_gru_recurrence_bwd`).
+
+    Step 1 runs outside the loop without a matmul (h_0 W_hh^T = 0, so h_proj = b_hh). The
+    residuals are step 1's (r, z, n, h_n), each (B, H), and steps 2..S's (h_{t-1}, r, z, n, h_n),
+    each (S - 1, B, H).
+    """
     dtype = jnp.dtype(dtype)
     kernel = kernel.astype(dtype)
 
     def step(h, x_t):
         h_proj = jnp.dot(h.astype(dtype), kernel, preferred_element_type=jnp.float32) + bias
-        reset, update, candidate, h_n, h_next = _gru_gates(x_t.astype(jnp.float32), h_proj, h)
+        reset, update, candidate, h_n, h_next = _gru_gates(x_t, h_proj, h)
         return h_next, (h, reset, update, candidate, h_n)
 
     h0 = jnp.zeros((x_proj.shape[1], kernel.shape[0]), jnp.float32)
-    return jax.lax.scan(step, h0, x_proj, unroll=unroll)
+    *first_gates, h1 = _gru_gates(x_proj[0], jnp.broadcast_to(bias, x_proj.shape[1:]), h0)
+    h_final, loop_residuals = jax.lax.scan(step, h1, x_proj[1:], unroll=unroll)
+    return h_final, (first_gates, loop_residuals)
 
 
-def gru_recurrence(x_proj, kernel, bias, dtype=jnp.float32, unroll: int = 1):
+def gru_recurrence(x_proj, kernel, bias, dtype=jnp.float32, unroll: int | bool = 1):
     """Final hidden state (B, H) float32 of torch's GRU over precomputed input projections.
 
     x_proj (S, B, 3H) is W_ih x_t + b_ih, time-major so that step t reads one contiguous slice;
-    x_proj, kernel and bias are taken as float32. kernel (H, 3H) = W_hh^T and bias (3H,) = b_hh, gate order (r, z, n); h_0 = 0. Each step is
-    h_proj = h_{t-1} W_hh^T + b_hh, one (B, H) x (H, 3H) matmul in `dtype` accumulated in float32,
-    then `_gru_gates` in float32 (the carried h stays float32 in a bfloat16 run). `unroll` is
-    lax.scan's unroll of the forward and backward loops.
+    x_proj, kernel and bias are taken as float32. kernel (H, 3H) = W_hh^T and bias (3H,) = b_hh,
+    gate order (r, z, n); h_0 = 0. Each step is h_proj = h_{t-1} W_hh^T + b_hh, one (B, H) x
+    (H, 3H) matmul in `dtype` accumulated in float32 (none for step 1, where h_0 = 0), then
+    `_gru_gates` in float32 (the carried h stays float32 in a bfloat16 run). `unroll` is
+    lax.scan's unroll of the forward and backward loops (True: fully).
 
     The VJP is written out (a custom VJP) rather than differentiated through the loop. The forward
     pass saves h_{t-1}, r, z, n and h_n = (h_{t-1} W_hh^T + b_hh)_n, 5 (S, B, H) float32 arrays.
     The backward pass runs the reverse recurrence with the cotangent dh_t of h_t:
         da_n = dh (1 - z)(1 - n^2),  da_r = da_n h_n r (1 - r),  da_z = dh (h_{t-1} - n) z (1 - z),
         g_x = [da_r, da_z, da_n] = d x_proj_t,  g_h = [da_r, da_z, da_n r] = d h_proj_t,
-        dh_{t-1} = dh z + g_h W_hh            (ONE (B, 3H) x (3H, H) matmul per step),
-    and then, outside the loop, dW_hh^T = sum_t h_{t-1}^T g_h as ONE (H, S B) x (S B, 3H) matmul
-    and db_hh = sum_t g_h, instead of S small accumulations inside it.
+        dh_{t-1} = dh z + g_h W_hh            (ONE (B, 3H) x (3H, H) matmul per step, none for dh_0),
+    and then, outside the loop, dW_hh^T = sum_t h_{t-1}^T g_h as ONE (H, (S-1) B) x ((S-1) B, 3H)
+    matmul (h_0 = 0 adds nothing) and db_hh = sum_t g_h, instead of S small accumulations in it.
     """
     as_float32 = (jnp.asarray(a, jnp.float32) for a in (x_proj, kernel, bias))
     return _gru_recurrence(*as_float32, jnp.dtype(dtype).name, unroll)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _gru_recurrence(x_proj, kernel, bias, dtype_name: str, unroll: int):
+def _gru_recurrence(x_proj, kernel, bias, dtype_name: str, unroll: int | bool):
     return _gru_forward(x_proj, kernel, bias, dtype_name, unroll)[0]
 
 
@@ -221,47 +235,51 @@ def _gru_recurrence_fwd(x_proj, kernel, bias, dtype, unroll):
     return h_final, (residuals, kernel)
 
 
+def _gru_gate_grads(dh, h, reset, update, candidate, h_n):
+    """(g_h, da_n) of one step from dh_t and its residuals, as in `gru_recurrence`'s docstring."""
+    da_n = dh * (1.0 - update) * (1.0 - candidate * candidate)
+    da_r = da_n * h_n * reset * (1.0 - reset)
+    da_z = dh * (h - candidate) * update * (1.0 - update)
+    return jnp.concatenate([da_r, da_z, da_n * reset], axis=-1), da_n
+
+
 def _gru_recurrence_bwd(dtype, unroll, saved, dh_final):
-    (h_prev, reset, update, candidate, h_n), kernel = saved
+    (first_gates, loop_residuals), kernel = saved
     dtype = jnp.dtype(dtype)
     kernel_t = kernel.astype(dtype).T
 
     def step(dh, residual):
-        h, r, z, n, hn = residual
-        da_n = dh * (1.0 - z) * (1.0 - n * n)
-        da_r = da_n * hn * r * (1.0 - r)
-        da_z = dh * (h - n) * z * (1.0 - z)
-        grad_h_proj = jnp.concatenate([da_r, da_z, da_n * r], axis=-1)
-        dh_prev = dh * z + jnp.dot(grad_h_proj.astype(dtype), kernel_t, preferred_element_type=jnp.float32)
+        grad_h_proj, da_n = _gru_gate_grads(dh, *residual)
+        dh_prev = dh * residual[2] + jnp.dot(grad_h_proj.astype(dtype), kernel_t, preferred_element_type=jnp.float32)
         return dh_prev, (grad_h_proj, da_n)
 
-    residuals = (h_prev, reset, update, candidate, h_n)
-    _, (grad_h_proj, da_n) = jax.lax.scan(
-        step, dh_final.astype(jnp.float32), residuals, reverse=True, unroll=unroll
-    )
+    dh1, (grad_h_proj, da_n) = jax.lax.scan(step, dh_final, loop_residuals, reverse=True, unroll=unroll)
+    first_grad_h_proj, first_da_n = _gru_gate_grads(dh1, jnp.zeros_like(dh1), *first_gates)
     hidden = kernel.shape[0]
-    grad_x_proj = jnp.concatenate([grad_h_proj[..., : 2 * hidden], da_n], axis=-1)
+    grad_x_proj = jnp.concatenate([
+        jnp.concatenate([first_grad_h_proj[:, : 2 * hidden], first_da_n], axis=-1)[None],
+        jnp.concatenate([grad_h_proj[..., : 2 * hidden], da_n], axis=-1),
+    ])
+    h_prev = loop_residuals[0]
     grad_kernel = jnp.einsum(
         "sbh,sbg->hg", h_prev.astype(dtype), grad_h_proj.astype(dtype), preferred_element_type=jnp.float32
     )
-    grad_bias = grad_h_proj.sum(axis=(0, 1))
+    grad_bias = grad_h_proj.sum(axis=(0, 1)) + first_grad_h_proj.sum(axis=0)
     return grad_x_proj, grad_kernel, grad_bias
 
 
 _gru_recurrence.defvjp(_gru_recurrence_fwd, _gru_recurrence_bwd)
 
 
-def default_gru_unroll(backend: str) -> int:
-    """lax.scan unroll of the GRU loops that measured fastest on `backend` (see README, Encoder speed)."""
-    return GRU_UNROLL_BY_BACKEND.get(backend, 1)
-
-
 class GRURecurrence(nn.Module):
     """The GRU's hidden-to-hidden part, params kernel (H, 3H) = W_hh^T and bias (3H,) = b_hh.
 
     `__call__(x_proj)` maps time-major input projections (S, B, 3H) to the final hidden state
-    (B, H) float32 with `gru_recurrence`; unroll None takes `default_gru_unroll` of the backend
-    at trace time.
+    (B, H) float32 with `gru_recurrence`. unroll None takes GRU_UNROLL_BY_BACKEND for the
+    backend at trace time: a rolled loop on CPU, where it measured ~15% faster per train step at
+    B = 64 than a fully unrolled one (README, Encoder speed); full unrolling elsewhere, as the
+    GRU was when measured on a GPU (a rolled loop there is unmeasured). XLA's cost analysis counts a rolled loop's body once, so on CPU the
+    compiled step's FLOP count includes one of the loop's 31 hidden steps (forward and backward).
     """
 
     hidden_dim: int
@@ -273,7 +291,7 @@ class GRURecurrence(nn.Module):
         bound = 1.0 / np.sqrt(self.hidden_dim)
         kernel = self.param("kernel", torch_uniform(bound), (self.hidden_dim, 3 * self.hidden_dim))
         bias = self.param("bias", torch_uniform(bound), (3 * self.hidden_dim,))
-        unroll = default_gru_unroll(jax.default_backend()) if self.unroll is None else self.unroll
+        unroll = GRU_UNROLL_BY_BACKEND.get(jax.default_backend(), True) if self.unroll is None else self.unroll
         return gru_recurrence(x_proj, kernel, bias, self.dtype, unroll)
 
 
@@ -322,7 +340,7 @@ class IMUEncoder(nn.Module):
     GroupNorm scale 1, bias 0.
     conv_impl: how the three convolutions are computed: "auto" (by backend), "xla" or "matmul",
     see `resolve_conv_impl`; the params and the numbers are the same for each.
-    gru_unroll: lax.scan unroll of the GRU's loops; None takes `default_gru_unroll` of the backend.
+    gru_unroll: lax.scan unroll of the GRU's loops; None takes the backend's default (`GRURecurrence`).
     Methods `conv_features` and `embed` give the two halves of the encoder (benchmarks time them).
     """
 
@@ -360,8 +378,9 @@ class IMUEncoder(nn.Module):
             raise ValueError(
                 f"IMUEncoder needs at least {min_input_length()} time steps per window, got {x.shape[1]}"
             )
-        x = max_pool_floor(self.conv1(self.input_norm(x)), POOL_SIZE)
-        x = max_pool_floor(self.conv2(x), POOL_SIZE)
+        impl = resolve_conv_impl(self.conv_impl, jax.default_backend())
+        x = max_pool_floor(self.conv1(self.input_norm(x)), POOL_SIZE, impl)
+        x = max_pool_floor(self.conv2(x), POOL_SIZE, impl)
         x = self.conv3(x)
         pool = jnp.asarray(adaptive_avg_pool_matrix(x.shape[1], self.pooled_length), self.dtype)
         return self.feature_norm(jnp.einsum("blc,lp->bpc", x, pool))

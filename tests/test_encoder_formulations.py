@@ -84,9 +84,10 @@ def test_gru_recurrence_forward_matches_float64_numpy(unroll):
     assert_close(h, numpy_gru_final_state(x_proj, kernel, bias))
 
 
-@pytest.mark.parametrize("unroll", [1, 7])
-def test_gru_recurrence_gradients_match_autodiff(unroll):
-    x_proj, kernel, bias, cotangent = gru_inputs()
+@pytest.mark.parametrize("steps, unroll", [(1, 1), (2, 1), (7, 1), (7, 6)])
+def test_gru_recurrence_gradients_match_autodiff(steps, unroll):
+    """Step 1 (h_0 = 0, no matmul) is handled outside the loop: S = 1 and 2 check its edges."""
+    x_proj, kernel, bias, cotangent = gru_inputs(steps=steps)
     with jax.default_matmul_precision("highest"):
         custom = cotangent_grads(lambda *a: gru_recurrence(*a, unroll=unroll), cotangent, x_proj, kernel, bias)
         reference = cotangent_grads(autodiff_gru_final_state, cotangent, x_proj, kernel, bias)
@@ -137,9 +138,10 @@ def test_reshape_max_pool_equals_nn_max_pool():
     x = np.random.default_rng(2).normal(size=(2, 232, 5)).astype(np.float32)  # 232 = 3 * 77 + 1: floor mode
     cotangent = np.random.default_rng(3).normal(size=(2, 77, 5)).astype(np.float32)
     reference = lambda v: nn.max_pool(v, (3,), strides=(3,), padding="VALID")  # noqa: E731
-    pooled = jax.jit(lambda v: max_pool_floor(v, 3))(x)
+    np.testing.assert_array_equal(jax.jit(lambda v: max_pool_floor(v, 3, "xla"))(x), reference(x))
+    pooled = jax.jit(lambda v: max_pool_floor(v, 3, "matmul"))(x)
     np.testing.assert_array_equal(pooled, reference(x))
-    (grad,) = cotangent_grads(lambda v: max_pool_floor(v, 3), cotangent, x)
+    (grad,) = cotangent_grads(lambda v: max_pool_floor(v, 3, "matmul"), cotangent, x)
     (expected,) = cotangent_grads(reference, cotangent, x)
     np.testing.assert_array_equal(grad, expected)
 
