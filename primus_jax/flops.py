@@ -16,7 +16,7 @@ lengths of `models.conv_stack_lengths(T)`, P = pooled_length, H = hidden_dim:
     conv3          2 L_5 C (C k_3)
     adaptive pool  2 L_5 P C                (C, L_5) x (L_5, P), a constant matrix
     GRU input      2 S D (3H)               one (S, D) x (D, 3H) projection before the recurrence
-    GRU hidden     2 S H (3H)               S steps of (1, H) x (H, 3H)
+    GRU hidden     2 (S - 1) H (3H)         S - 1 steps of (1, H) x (H, 3H) (h_0 = 0: step 1 has none)
     heads          2 H (ssl_dim + mm_dim)
 
 with (S, D) = (C, P) for gru_over="channels" (the reference steps over the conv channels) and
@@ -26,8 +26,8 @@ Backward: each matmul's reverse pass costs one forward-sized matmul per operand 
 cotangent. Every encoder matmul has a weight and an input that depends on parameters (even conv1:
 its input is the output of the input GroupNorm, whose scale and bias are trained), so it costs
 2x its forward; the adaptive pool's matrix is constant, so it costs 1x. The GRU's hidden backward
-is S matmuls for dh_{t-1} (the custom VJP of `models.gru_recurrence` computes all of them, h_0's
-included) plus one (H, S B) x (S B, 3H) matmul for dW_hh: 2x its forward too.
+(the custom VJP of `models.gru_recurrence`) is S - 1 matmuls for dh_{t-1}, t = 2..S (h_0 is a
+constant), plus one (H, (S - 1) B) x ((S - 1) B, 3H) matmul for dW_hh: 2x its forward too.
 
 Step, for a global batch B (the encoder runs on 2B windows, both views), D_e = embedding width:
 
@@ -75,7 +75,7 @@ def encoder_layer_flops(model_config: ml_collections.ConfigDict, window_length: 
         "conv3": (2.0 * l5 * c * c * k3, 2),
         "adaptive_pool": (2.0 * l5 * p * c, 1),
         "gru_input": (2.0 * steps * features * 3 * h, 2),
-        "gru_hidden": (2.0 * steps * h * 3 * h, 2),
+        "gru_hidden": (2.0 * (steps - 1) * h * 3 * h, 2),
         "heads": (2.0 * h * (model_config.ssl_dim + model_config.mm_dim), 2),
     }
 
