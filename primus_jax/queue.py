@@ -139,11 +139,15 @@ def enqueue(
     video: jax.Array,
     has_text: jax.Array,
     has_video: jax.Array,
+    write: jax.Array | bool = True,
 ) -> NNQueue:
     """Write B samples into slots (ptr + i) mod S, i = 0..B-1, and advance ptr by B (mod S).
 
     Features are stored L2-normalised as float32; the IMU features are stop_gradient'ed
     (the queue is a constant for the loss). Requires B <= S so a batch never overwrites itself.
+    write: a traced bool; where it is False the queue comes back unchanged (the train step skips
+    a non-finite update this way). Only the B written rows are selected, so the update stays an
+    in-place write of B rows rather than a select over the whole (S, D) buffers.
     """
     _require_batch(queue, imu, text, video, has_text, has_video, "enqueue")
     batch, size = imu.shape[0], queue.size
@@ -151,15 +155,18 @@ def enqueue(
         raise ValueError(f"enqueue: a batch of {batch} does not fit a queue of {size} slots (need B <= S).")
     slots = (queue.ptr + jnp.arange(batch, dtype=jnp.int32)) % size
 
+    def put(buffer, rows):
+        return buffer.at[slots].set(jnp.where(write, rows, buffer[slots]))
+
     def store(features):
         return l2_normalize(jax.lax.stop_gradient(features).astype(jnp.float32))
 
     return queue.replace(
-        imu=queue.imu.at[slots].set(store(imu)),
-        text=queue.text.at[slots].set(store(text)),
-        video=queue.video.at[slots].set(store(video)),
-        has_text=queue.has_text.at[slots].set(has_text.astype(bool)),
-        has_video=queue.has_video.at[slots].set(has_video.astype(bool)),
-        filled=queue.filled.at[slots].set(True),
-        ptr=((queue.ptr + batch) % size).astype(jnp.int32),
+        imu=put(queue.imu, store(imu)),
+        text=put(queue.text, store(text)),
+        video=put(queue.video, store(video)),
+        has_text=put(queue.has_text, has_text.astype(bool)),
+        has_video=put(queue.has_video, has_video.astype(bool)),
+        filled=put(queue.filled, jnp.ones((batch,), bool)),
+        ptr=jnp.where(write, (queue.ptr + batch) % size, queue.ptr).astype(jnp.int32),
     )

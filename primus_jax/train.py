@@ -194,18 +194,18 @@ def make_steps(config: ml_collections.ConfigDict, dims: DataDims, mesh: Mesh):
             state.params, state.queue, batch, aug_key)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        queue = state.queue
-        if obj_cfg.use_nn:
-            queue = nn_queue.enqueue(
-                queue, ssl0, batch["text_emb"], batch["video_emb"], batch["has_text"], batch["has_video"])
         finite = jnp.isfinite(loss) & _all_finite(grads)
         keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+        queue = state.queue
+        if obj_cfg.use_nn:  # a skipped update writes nothing (and selects B rows, not the queue)
+            queue = nn_queue.enqueue(queue, ssl0, batch["text_emb"], batch["video_emb"],
+                                     batch["has_text"], batch["has_video"], write=finite)
         streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
         new_state = state.replace(
             step=state.step + 1,
             params=keep(params, state.params),
             opt_state=keep(opt_state, state.opt_state),
-            queue=keep(queue, state.queue),
+            queue=queue,
             nonfinite_streak=streak,
             nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
             nonfinite_peak=jnp.maximum(state.nonfinite_peak, streak),

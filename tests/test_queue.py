@@ -92,6 +92,15 @@ def test_enqueue_ring_order_and_wrap_around():
     np.testing.assert_allclose(np.linalg.norm(queue.imu, axis=1), 1.0, rtol=1e-6)
 
 
+def test_enqueue_with_write_false_leaves_the_queue_unchanged():
+    queue = enqueue_jit(nnq.init_queue(SIZE, IMU_DIM, TEXT_DIM, VIDEO_DIM), *_arrays(_batch(7, 0)))
+    skipped = jax.jit(nnq.enqueue)(queue, *_arrays(_batch(6, 1)), jnp.asarray(False))
+    for before, after in zip(jax.tree_util.tree_leaves(queue), jax.tree_util.tree_leaves(skipped)):
+        np.testing.assert_array_equal(np.asarray(after), np.asarray(before))
+    written = jax.jit(nnq.enqueue)(queue, *_arrays(_batch(6, 1)), jnp.asarray(True))
+    assert int(written.ptr) == 3 and bool(written.filled.all())
+
+
 def test_empty_queue_gives_no_neighbours():
     queue = nnq.init_queue(SIZE, IMU_DIM, TEXT_DIM, VIDEO_DIM)
     found = _check_lookup(queue, _batch(4, 2))
