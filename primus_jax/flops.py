@@ -15,7 +15,7 @@ lengths of `models.conv_stack_lengths(T)`, P = pooled_length, H = hidden_dim:
     conv2          2 L_3 C (C k_2)
     conv3          2 L_5 C (C k_3)
     adaptive pool  2 L_5 P C                (C, L_5) x (L_5, P), a constant matrix
-    GRU input      2 S D (3H)               one (S, D) x (D, 3H) projection before the recurrence
+    GRU input      2 S D (3H)               S steps of (1, D) x (D, 3H), the input projection
     GRU hidden     2 (S - 1) H (3H)         S - 1 steps of (1, H) x (H, 3H) (h_0 = 0: step 1 has none)
     heads          2 H (ssl_dim + mm_dim)
 
@@ -27,7 +27,7 @@ cotangent. Every encoder matmul has a weight and an input that depends on parame
 its input is the output of the input GroupNorm, whose scale and bias are trained), so it costs
 2x its forward; the adaptive pool's matrix is constant, so it costs 1x. The GRU's hidden backward
 (the custom VJP of `models.gru_recurrence`) is S - 1 matmuls for dh_{t-1}, t = 2..S (h_0 is a
-constant), plus one (H, (S - 1) B) x ((S - 1) B, 3H) matmul for dW_hh: 2x its forward too.
+constant), plus S - 1 (H, B) x (B, 3H) matmuls accumulating dW_hh: 2x its forward too.
 
 Step, for a global batch B (the encoder runs on 2B windows, both views), D_e = embedding width:
 

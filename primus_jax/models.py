@@ -167,143 +167,159 @@ class DilatedConv1D(nn.Module):
         )
 
 
-def _gru_gates(x_t, h_proj, h):
-    """torch's GRU gates for one step: x_t, h_proj (B, 3H) float32 in (r, z, n) order, h (B, H).
+def _gru_gates(x_proj, h_proj, h):
+    """torch's GRU gates for one step: x_proj, h_proj (B, 3H) float32 in (r, z, n) order, h (B, H).
 
     r = sigmoid(x_r + h_r),  z = sigmoid(x_z + h_z),  n = tanh(x_n + r * h_n),
     h' = (1 - z) * n + z * h = n + z * (h - n).  Returns (r, z, n, h_n, h').
     """
     hidden = h.shape[-1]
-    reset = jax.nn.sigmoid(x_t[:, :hidden] + h_proj[:, :hidden])
-    update = jax.nn.sigmoid(x_t[:, hidden : 2 * hidden] + h_proj[:, hidden : 2 * hidden])
+    reset = jax.nn.sigmoid(x_proj[:, :hidden] + h_proj[:, :hidden])
+    update = jax.nn.sigmoid(x_proj[:, hidden : 2 * hidden] + h_proj[:, hidden : 2 * hidden])
     h_n = h_proj[:, 2 * hidden :]
-    candidate = jnp.tanh(x_t[:, 2 * hidden :] + reset * h_n)
+    candidate = jnp.tanh(x_proj[:, 2 * hidden :] + reset * h_n)
     return reset, update, candidate, h_n, candidate + update * (h - candidate)
 
 
-def _gru_forward(x_proj, kernel, bias, dtype, unroll):
+def _matmul(a, b, dtype):
+    """a @ b with both operands in `dtype`, accumulated and returned in float32."""
+    return jnp.dot(a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _batch_outer_sum(a, b, dtype):
+    """a^T b = sum over the batch rows of outer(a_i, b_i): a (B, M), b (B, N) -> (M, N) float32."""
+    return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), (((0,), (0,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+
+
+def _gru_forward(inputs, input_kernel, input_bias, kernel, bias, dtype, unroll):
     """The recurrence from h_0 = 0: returns (h_S, residuals for `_gru_recurrence_bwd`).
 
-    Step 1 runs outside the loop without a matmul (h_0 W_hh^T = 0, so h_proj = b_hh). The
-    residuals are step 1's (r, z, n, h_n), each (B, H), and steps 2..S's (h_{t-1}, r, z, n, h_n),
-    each (S - 1, B, H).
+    Step t projects its own input, x_t W_ih^T + b_ih, inside the loop, so no (S, B, 3H) array of
+    projections is ever written. Step 1 runs outside the loop without the hidden matmul
+    (h_0 W_hh^T = 0, so h_proj = b_hh). The residuals are step 1's (r, z, n, h_n), each (B, H),
+    and steps 2..S's (h_{t-1}, r, z, n, h_n), each (S - 1, B, H).
     """
-    dtype = jnp.dtype(dtype)
-    kernel = kernel.astype(dtype)
+    batch = inputs.shape[1]
 
     def step(h, x_t):
-        h_proj = jnp.dot(h.astype(dtype), kernel, preferred_element_type=jnp.float32) + bias
-        reset, update, candidate, h_n, h_next = _gru_gates(x_t, h_proj, h)
+        x_proj = _matmul(x_t, input_kernel, dtype) + input_bias
+        h_proj = _matmul(h, kernel, dtype) + bias
+        reset, update, candidate, h_n, h_next = _gru_gates(x_proj, h_proj, h)
         return h_next, (h, reset, update, candidate, h_n)
 
-    h0 = jnp.zeros((x_proj.shape[1], kernel.shape[0]), jnp.float32)
-    *first_gates, h1 = _gru_gates(x_proj[0], jnp.broadcast_to(bias, x_proj.shape[1:]), h0)
-    h_final, loop_residuals = jax.lax.scan(step, h1, x_proj[1:], unroll=unroll)
+    h0 = jnp.zeros((batch, kernel.shape[0]), jnp.float32)
+    first_x_proj = _matmul(inputs[0], input_kernel, dtype) + input_bias
+    *first_gates, h1 = _gru_gates(first_x_proj, jnp.broadcast_to(bias, first_x_proj.shape), h0)
+    h_final, loop_residuals = jax.lax.scan(step, h1, inputs[1:], unroll=unroll)
     return h_final, (first_gates, loop_residuals)
 
 
-def gru_recurrence(x_proj, kernel, bias, dtype=jnp.float32, unroll: int | bool = 1):
-    """Final hidden state (B, H) float32 of torch's GRU over precomputed input projections.
+def gru_recurrence(inputs, input_kernel, input_bias, kernel, bias, dtype=jnp.float32, unroll: int | bool = 1):
+    """Final hidden state (B, H) float32 of torch's single-layer GRU over time-major inputs, h_0 = 0.
 
-    x_proj (S, B, 3H) is W_ih x_t + b_ih, time-major so that step t reads one contiguous slice;
-    x_proj, kernel and bias are taken as float32. kernel (H, 3H) = W_hh^T and bias (3H,) = b_hh,
-    gate order (r, z, n); h_0 = 0. Each step is h_proj = h_{t-1} W_hh^T + b_hh, one (B, H) x
-    (H, 3H) matmul in `dtype` accumulated in float32 (none for step 1, where h_0 = 0), then
-    `_gru_gates` in float32 (the carried h stays float32 in a bfloat16 run). `unroll` is
-    lax.scan's unroll of the forward and backward loops (True: fully).
+    inputs (S, B, D) in `dtype` (time-major, so that step t reads one contiguous slice);
+    input_kernel (D, 3H) = W_ih^T, input_bias (3H,) = b_ih, kernel (H, 3H) = W_hh^T and
+    bias (3H,) = b_hh, float32, gate order (r, z, n). Step t computes x_t W_ih^T + b_ih and
+    h_{t-1} W_hh^T + b_hh, two matmuls in `dtype` accumulated in float32 (no hidden matmul for
+    step 1, where h_0 = 0), then `_gru_gates` in float32 (the carried h stays float32 in a
+    bfloat16 run). `unroll` is lax.scan's unroll of the forward and backward loops (True: fully).
 
     The VJP is written out (a custom VJP) rather than differentiated through the loop. The forward
     pass saves h_{t-1}, r, z, n and h_n = (h_{t-1} W_hh^T + b_hh)_n, 5 (S, B, H) float32 arrays.
     The backward pass runs the reverse recurrence with the cotangent dh_t of h_t:
         da_n = dh (1 - z)(1 - n^2),  da_r = da_n h_n r (1 - r),  da_z = dh (h_{t-1} - n) z (1 - z),
-        g_x = [da_r, da_z, da_n] = d x_proj_t,  g_h = [da_r, da_z, da_n r] = d h_proj_t,
-        dh_{t-1} = dh z + g_h W_hh            (ONE (B, 3H) x (3H, H) matmul per step, none for dh_0),
-    and then, outside the loop, dW_hh^T = sum_t h_{t-1}^T g_h as ONE (H, (S-1) B) x ((S-1) B, 3H)
-    matmul (h_0 = 0 adds nothing) and db_hh = sum_t g_h, instead of S small accumulations in it.
+        g_x = [da_r, da_z, da_n] = d(x_t W_ih^T),  g_h = [da_r, da_z, da_n r] = d(h_{t-1} W_hh^T),
+        dh_{t-1} = dh z + g_h W_hh,   dx_t = g_x W_ih,
+    and accumulates the weight gradients in the loop's carry,
+        dW_ih^T += x_t^T g_x,  db_ih += sum_b g_x,  dW_hh^T += h_{t-1}^T g_h,  db_hh += sum_b g_h,
+    so that, like the forward pass, it writes no (S, B, 3H) array: per step it reads the five
+    residuals and writes dx_t (B, D). h_0 = 0 adds nothing to dW_hh and dh_0 is not needed.
     """
-    as_float32 = (jnp.asarray(a, jnp.float32) for a in (x_proj, kernel, bias))
-    return _gru_recurrence(*as_float32, jnp.dtype(dtype).name, unroll)
+    params = (jnp.asarray(a, jnp.float32) for a in (input_kernel, input_bias, kernel, bias))
+    return _gru_recurrence(jnp.asarray(inputs, dtype), *params, jnp.dtype(dtype).name, unroll)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _gru_recurrence(x_proj, kernel, bias, dtype_name: str, unroll: int | bool):
-    return _gru_forward(x_proj, kernel, bias, dtype_name, unroll)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _gru_recurrence(inputs, input_kernel, input_bias, kernel, bias, dtype_name: str, unroll: int | bool):
+    return _gru_forward(inputs, input_kernel, input_bias, kernel, bias, dtype_name, unroll)[0]
 
 
-def _gru_recurrence_fwd(x_proj, kernel, bias, dtype, unroll):
-    h_final, residuals = _gru_forward(x_proj, kernel, bias, dtype, unroll)
-    return h_final, (residuals, kernel)
+def _gru_recurrence_fwd(inputs, input_kernel, input_bias, kernel, bias, dtype, unroll):
+    h_final, residuals = _gru_forward(inputs, input_kernel, input_bias, kernel, bias, dtype, unroll)
+    return h_final, (residuals, inputs, input_kernel, kernel)
 
 
 def _gru_gate_grads(dh, h, reset, update, candidate, h_n):
-    """(g_h, da_n) of one step from dh_t and its residuals, as in `gru_recurrence`'s docstring."""
+    """(g_x, g_h) of one step from dh_t and its residuals, as in `gru_recurrence`'s docstring."""
     da_n = dh * (1.0 - update) * (1.0 - candidate * candidate)
     da_r = da_n * h_n * reset * (1.0 - reset)
     da_z = dh * (h - candidate) * update * (1.0 - update)
-    return jnp.concatenate([da_r, da_z, da_n * reset], axis=-1), da_n
+    return jnp.concatenate([da_r, da_z, da_n], axis=-1), jnp.concatenate([da_r, da_z, da_n * reset], axis=-1)
 
 
 def _gru_recurrence_bwd(dtype, unroll, saved, dh_final):
-    (first_gates, loop_residuals), kernel = saved
-    dtype = jnp.dtype(dtype)
-    kernel_t = kernel.astype(dtype).T
+    (first_gates, loop_residuals), inputs, input_kernel, kernel = saved
+    input_kernel_t, kernel_t = input_kernel.T, kernel.T
 
-    def step(dh, residual):
-        grad_h_proj, da_n = _gru_gate_grads(dh, *residual)
-        dh_prev = dh * residual[2] + jnp.dot(grad_h_proj.astype(dtype), kernel_t, preferred_element_type=jnp.float32)
-        return dh_prev, (grad_h_proj, da_n)
+    def step(carry, step_inputs):
+        dh, (grad_input_kernel, grad_input_bias, grad_kernel, grad_bias) = carry
+        x_t, residual = step_inputs
+        grad_x_proj, grad_h_proj = _gru_gate_grads(dh, *residual)
+        grads = (
+            grad_input_kernel + _batch_outer_sum(x_t, grad_x_proj, dtype),
+            grad_input_bias + grad_x_proj.sum(axis=0),
+            grad_kernel + _batch_outer_sum(residual[0], grad_h_proj, dtype),
+            grad_bias + grad_h_proj.sum(axis=0),
+        )
+        dh_prev = dh * residual[2] + _matmul(grad_h_proj, kernel_t, dtype)
+        return (dh_prev, grads), _matmul(grad_x_proj, input_kernel_t, dtype).astype(inputs.dtype)
 
-    dh1, (grad_h_proj, da_n) = jax.lax.scan(step, dh_final, loop_residuals, reverse=True, unroll=unroll)
-    first_grad_h_proj, first_da_n = _gru_gate_grads(dh1, jnp.zeros_like(dh1), *first_gates)
-    hidden = kernel.shape[0]
-    grad_x_proj = jnp.concatenate([
-        jnp.concatenate([first_grad_h_proj[:, : 2 * hidden], first_da_n], axis=-1)[None],
-        jnp.concatenate([grad_h_proj[..., : 2 * hidden], da_n], axis=-1),
-    ])
-    h_prev = loop_residuals[0]
-    grad_kernel = jnp.einsum(
-        "sbh,sbg->hg", h_prev.astype(dtype), grad_h_proj.astype(dtype), preferred_element_type=jnp.float32
+    zero_grads = tuple(jnp.zeros_like(p) for p in (input_kernel, input_kernel[0], kernel, kernel[0]))
+    (dh1, grads), grad_inputs = jax.lax.scan(
+        step, (dh_final, zero_grads), (inputs[1:], loop_residuals), reverse=True, unroll=unroll
     )
-    grad_bias = grad_h_proj.sum(axis=(0, 1)) + first_grad_h_proj.sum(axis=0)
-    return grad_x_proj, grad_kernel, grad_bias
+    grad_input_kernel, grad_input_bias, grad_kernel, grad_bias = grads
+    first_grad_x_proj, first_grad_h_proj = _gru_gate_grads(dh1, jnp.zeros_like(dh1), *first_gates)
+    first_grad_input = _matmul(first_grad_x_proj, input_kernel_t, dtype).astype(inputs.dtype)
+    return (
+        jnp.concatenate([first_grad_input[None], grad_inputs]),
+        grad_input_kernel + _batch_outer_sum(inputs[0], first_grad_x_proj, dtype),
+        grad_input_bias + first_grad_x_proj.sum(axis=0),
+        grad_kernel,
+        grad_bias + first_grad_h_proj.sum(axis=0),
+    )
 
 
 _gru_recurrence.defvjp(_gru_recurrence_fwd, _gru_recurrence_bwd)
 
 
-class GRURecurrence(nn.Module):
-    """The GRU's hidden-to-hidden part, params kernel (H, 3H) = W_hh^T and bias (3H,) = b_hh.
+class GRUWeights(nn.Module):
+    """One of torch's GRU weight pairs: kernel (in_features, 3 hidden_dim) and bias (3 hidden_dim,).
 
-    `__call__(x_proj)` maps time-major input projections (S, B, 3H) to the final hidden state
-    (B, H) float32 with `gru_recurrence`. unroll None takes GRU_UNROLL_BY_BACKEND for the
-    backend at trace time: a rolled loop on CPU, where it measured ~15% faster per train step at
-    B = 64 than a fully unrolled one (README, Encoder speed); full unrolling elsewhere, as the
-    GRU was when measured on a GPU (a rolled loop there is unmeasured). XLA's cost analysis counts a rolled loop's body once, so on CPU the
-    compiled step's FLOP count includes one of the loop's 31 hidden steps (forward and backward).
+    Initialised U(+-1/sqrt(hidden_dim)) like torch's; `__call__(in_features)` returns (kernel, bias).
     """
 
     hidden_dim: int
-    dtype: Any = jnp.float32
-    unroll: int | None = None
 
     @nn.compact
-    def __call__(self, x_proj):
-        bound = 1.0 / np.sqrt(self.hidden_dim)
-        kernel = self.param("kernel", torch_uniform(bound), (self.hidden_dim, 3 * self.hidden_dim))
-        bias = self.param("bias", torch_uniform(bound), (3 * self.hidden_dim,))
-        unroll = GRU_UNROLL_BY_BACKEND.get(jax.default_backend(), True) if self.unroll is None else self.unroll
-        return gru_recurrence(x_proj, kernel, bias, self.dtype, unroll)
+    def __call__(self, in_features: int):
+        init = torch_uniform(1.0 / np.sqrt(self.hidden_dim))
+        kernel = self.param("kernel", init, (in_features, 3 * self.hidden_dim))
+        return kernel, self.param("bias", init, (3 * self.hidden_dim,))
 
 
 class TorchGRU(nn.Module):
     """Single-layer unidirectional GRU, h_0 = 0, returning the final hidden state (B, H) float32.
 
-    Input time-major (S, B, D). The input projection W_ih x + b_ih (params `input_proj`, kernel
-    (D, 3H) = W_ih^T, bias (3H,) = b_ih) is one Dense over all S steps before the recurrence,
-    so the recurrence (`GRURecurrence`, params `cell`) only does the (B, H) x (H, 3H) hidden
-    matmul per step. Keeping both bias vectors b_ih and b_hh (Flax's nn.GRUCell folds b_hr, b_hz
-    into the input biases) gives exactly torch's parameter count, 3H(D + H + 2), and a one-to-one
-    weight import.
+    Input time-major (S, B, D); `gru_recurrence` runs it. Params `input_proj` (kernel (D, 3H) =
+    W_ih^T, bias (3H,) = b_ih) and `cell` (kernel (H, 3H) = W_hh^T, bias (3H,) = b_hh). Keeping
+    both bias vectors (Flax's nn.GRUCell folds b_hr, b_hz into the input biases) gives exactly
+    torch's parameter count, 3H(D + H + 2), and a one-to-one weight import.
+    unroll None takes GRU_UNROLL_BY_BACKEND for the backend at trace time: a rolled loop on CPU,
+    where it measured faster per train step than a fully unrolled one (README, Encoder speed),
+    full unrolling elsewhere. XLA's cost analysis counts a rolled loop's body once, so on CPU the
+    compiled step's FLOP count includes one of the loop's S - 1 steps (forward and backward).
     """
 
     hidden_dim: int
@@ -312,15 +328,10 @@ class TorchGRU(nn.Module):
 
     @nn.compact
     def __call__(self, inputs):
-        bound = 1.0 / np.sqrt(self.hidden_dim)
-        x_proj = nn.Dense(
-            3 * self.hidden_dim,
-            dtype=self.dtype,
-            kernel_init=torch_uniform(bound),
-            bias_init=torch_uniform(bound),
-            name="input_proj",
-        )(inputs)
-        return GRURecurrence(self.hidden_dim, self.dtype, self.unroll, name="cell")(x_proj)
+        input_kernel, input_bias = GRUWeights(self.hidden_dim, name="input_proj")(inputs.shape[-1])
+        kernel, bias = GRUWeights(self.hidden_dim, name="cell")(self.hidden_dim)
+        unroll = GRU_UNROLL_BY_BACKEND.get(jax.default_backend(), True) if self.unroll is None else self.unroll
+        return gru_recurrence(inputs, input_kernel, input_bias, kernel, bias, self.dtype, unroll)
 
 
 class IMUEncoder(nn.Module):
@@ -340,7 +351,7 @@ class IMUEncoder(nn.Module):
     GroupNorm scale 1, bias 0.
     conv_impl: how the three convolutions are computed: "auto" (by backend), "xla" or "matmul",
     see `resolve_conv_impl`; the params and the numbers are the same for each.
-    gru_unroll: lax.scan unroll of the GRU's loops; None takes the backend's default (`GRURecurrence`).
+    gru_unroll: lax.scan unroll of the GRU's loops; None takes the backend's default (`TorchGRU`).
     Methods `conv_features` and `embed` give the two halves of the encoder (benchmarks time them).
     """
 

@@ -31,42 +31,47 @@ def assert_close(actual, expected, rtol=RTOL, name=""):
     assert error <= rtol * scale, f"{name}: max abs error {error:.3g} > {rtol} * {scale:.3g}"
 
 
-def numpy_gru_final_state(x_proj, kernel, bias):
-    """torch's GRU equations in float64 numpy over time-major x_proj (S, B, 3H), h_0 = 0."""
-    x_proj, kernel, bias = (np.asarray(a, np.float64) for a in (x_proj, kernel, bias))
+def numpy_gru_final_state(inputs, input_kernel, input_bias, kernel, bias):
+    """torch's GRU equations in float64 numpy over time-major inputs (S, B, D), h_0 = 0."""
+    inputs, input_kernel, input_bias, kernel, bias = (
+        np.asarray(a, np.float64) for a in (inputs, input_kernel, input_bias, kernel, bias))
     hidden = kernel.shape[0]
-    h = np.zeros((x_proj.shape[1], hidden))
+    h = np.zeros((inputs.shape[1], hidden))
     sigmoid = lambda v: 1.0 / (1.0 + np.exp(-v))  # noqa: E731
-    for x_t in x_proj:
-        h_proj = h @ kernel + bias
-        r = sigmoid(x_t[:, :hidden] + h_proj[:, :hidden])
-        z = sigmoid(x_t[:, hidden : 2 * hidden] + h_proj[:, hidden : 2 * hidden])
-        n = np.tanh(x_t[:, 2 * hidden :] + r * h_proj[:, 2 * hidden :])
+    for x_t in inputs:
+        x_proj, h_proj = x_t @ input_kernel + input_bias, h @ kernel + bias
+        r = sigmoid(x_proj[:, :hidden] + h_proj[:, :hidden])
+        z = sigmoid(x_proj[:, hidden : 2 * hidden] + h_proj[:, hidden : 2 * hidden])
+        n = np.tanh(x_proj[:, 2 * hidden :] + r * h_proj[:, 2 * hidden :])
         h = (1 - z) * n + z * h
     return h
 
 
-def autodiff_gru_final_state(x_proj, kernel, bias):
-    """The previous formulation: a plain step loop that jax differentiates itself."""
+def autodiff_gru_final_state(inputs, input_kernel, input_bias, kernel, bias):
+    """The plain formulation: one input projection, then a step loop that jax differentiates itself."""
     hidden = kernel.shape[0]
-    h = jnp.zeros((x_proj.shape[1], hidden), jnp.float32)
-    for x_t in x_proj:
+    h = jnp.zeros((inputs.shape[1], hidden), jnp.float32)
+    for x_proj in inputs @ input_kernel + input_bias:
         h_proj = h @ kernel + bias
-        r = jax.nn.sigmoid(x_t[:, :hidden] + h_proj[:, :hidden])
-        z = jax.nn.sigmoid(x_t[:, hidden : 2 * hidden] + h_proj[:, hidden : 2 * hidden])
-        n = jnp.tanh(x_t[:, 2 * hidden :] + r * h_proj[:, 2 * hidden :])
+        r = jax.nn.sigmoid(x_proj[:, :hidden] + h_proj[:, :hidden])
+        z = jax.nn.sigmoid(x_proj[:, hidden : 2 * hidden] + h_proj[:, hidden : 2 * hidden])
+        n = jnp.tanh(x_proj[:, 2 * hidden :] + r * h_proj[:, 2 * hidden :])
         h = (1 - z) * n + z * h
     return h
 
 
-def gru_inputs(steps=7, batch=5, hidden=24, seed=0):
+GRU_ARG_NAMES = ("inputs", "input_kernel", "input_bias", "kernel", "bias")
+
+
+def gru_inputs(steps=7, batch=5, features=6, hidden=24, seed=0):
+    """(inputs, input_kernel, input_bias, kernel, bias) as torch initialises a GRU, and a cotangent of h_S."""
     rng = np.random.default_rng(seed)
     bound = 1 / np.sqrt(hidden)
-    x_proj = rng.normal(0.0, 1.0, (steps, batch, 3 * hidden)).astype(np.float32)
-    kernel = rng.uniform(-bound, bound, (hidden, 3 * hidden)).astype(np.float32)
-    bias = rng.uniform(-bound, bound, (3 * hidden,)).astype(np.float32)
+    inputs = rng.normal(0.0, 1.0, (steps, batch, features)).astype(np.float32)
+    weights = [rng.uniform(-bound, bound, shape).astype(np.float32)
+               for shape in ((features, 3 * hidden), (3 * hidden,), (hidden, 3 * hidden), (3 * hidden,))]
     cotangent = rng.normal(size=(batch, hidden)).astype(np.float32)
-    return x_proj, kernel, bias, cotangent
+    return (inputs, *weights), cotangent
 
 
 def cotangent_grads(function, cotangent, *args):
@@ -77,36 +82,37 @@ def cotangent_grads(function, cotangent, *args):
 
 @pytest.mark.parametrize("unroll", [1, 3, 7])
 def test_gru_recurrence_forward_matches_float64_numpy(unroll):
-    x_proj, kernel, bias, _ = gru_inputs()
+    args, _ = gru_inputs()
     with jax.default_matmul_precision("highest"):
-        h = jax.jit(lambda *a: gru_recurrence(*a, unroll=unroll))(x_proj, kernel, bias)
+        h = jax.jit(lambda *a: gru_recurrence(*a, unroll=unroll))(*args)
     assert h.dtype == jnp.float32
-    assert_close(h, numpy_gru_final_state(x_proj, kernel, bias))
+    assert_close(h, numpy_gru_final_state(*args))
 
 
 @pytest.mark.parametrize("steps, unroll", [(1, 1), (2, 1), (7, 1), (7, 6)])
 def test_gru_recurrence_gradients_match_autodiff(steps, unroll):
-    """Step 1 (h_0 = 0, no matmul) is handled outside the loop: S = 1 and 2 check its edges."""
-    x_proj, kernel, bias, cotangent = gru_inputs(steps=steps)
+    """Step 1 (h_0 = 0, no hidden matmul) is handled outside the loop: S = 1 and 2 check its edges."""
+    args, cotangent = gru_inputs(steps=steps)
     with jax.default_matmul_precision("highest"):
-        custom = cotangent_grads(lambda *a: gru_recurrence(*a, unroll=unroll), cotangent, x_proj, kernel, bias)
-        reference = cotangent_grads(autodiff_gru_final_state, cotangent, x_proj, kernel, bias)
-    for name, got, expected in zip(("x_proj", "kernel", "bias"), custom, reference):
+        custom = cotangent_grads(lambda *a: gru_recurrence(*a, unroll=unroll), cotangent, *args)
+        reference = cotangent_grads(autodiff_gru_final_state, cotangent, *args)
+    for name, got, expected in zip(GRU_ARG_NAMES, custom, reference):
         assert_close(got, expected, name=name)
 
 
 def test_gru_recurrence_bfloat16_keeps_float32_state_and_gradients():
     """bfloat16 matmuls, float32 gates and state: output and gradients float32 and near float32's."""
-    x_proj, kernel, bias, cotangent = gru_inputs()
-    x_bf16 = jnp.asarray(x_proj, jnp.bfloat16)
-    h = jax.jit(lambda *a: gru_recurrence(*a, dtype=jnp.bfloat16))(x_bf16, kernel, bias)
+    (inputs, *weights), cotangent = gru_inputs()
+    inputs_bf16 = jnp.asarray(inputs, jnp.bfloat16)
+    bf16_gru = lambda *a: gru_recurrence(*a, dtype=jnp.bfloat16)  # noqa: E731
+    h = jax.jit(bf16_gru)(inputs_bf16, *weights)
     assert h.dtype == jnp.float32
-    assert_close(h, numpy_gru_final_state(x_proj, kernel, bias), rtol=3e-2)
-    grads = cotangent_grads(lambda *a: gru_recurrence(*a, dtype=jnp.bfloat16), cotangent, x_bf16, kernel, bias)
-    assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.float32, jnp.float32]
+    assert_close(h, numpy_gru_final_state(inputs, *weights), rtol=3e-2)
+    grads = cotangent_grads(bf16_gru, cotangent, inputs_bf16, *weights)
+    assert [g.dtype for g in grads] == [jnp.bfloat16] + [jnp.float32] * 4
     with jax.default_matmul_precision("highest"):
-        reference = cotangent_grads(autodiff_gru_final_state, cotangent, x_proj, kernel, bias)
-    for name, got, expected in zip(("x_proj", "kernel", "bias"), grads, reference):
+        reference = cotangent_grads(autodiff_gru_final_state, cotangent, inputs, *weights)
+    for name, got, expected in zip(GRU_ARG_NAMES, grads, reference):
         assert_close(got, expected, rtol=5e-2, name=name)
 
 
