@@ -98,10 +98,9 @@ def count_params(params) -> int:
 def resolve_conv_impl(conv_impl: str, backend: str) -> str:
     """"xla" or "matmul" for `conv_impl` in CONV_IMPL_CHOICES; "auto" picks by backend.
 
-    "auto" is "xla" (lax.conv_general_dilated, as nn.Conv, and nn.max_pool) on CPU, where XLA's
-    convolution was faster, and "matmul" (`dilated_conv1d_matmul` and a reshape max-pool, see
-    `max_pool_floor`) on GPU and TPU, where XLA's convolution path is slow for these narrow
-    dilated 1-D convolutions (README, Encoder speed).
+    "auto" is "xla" (lax.conv_general_dilated, as nn.Conv) on CPU, where XLA's convolution was
+    faster, and "matmul" (`dilated_conv1d_matmul`) on GPU and TPU, where XLA's convolution path is
+    slow for these narrow dilated 1-D convolutions (README, Encoder speed).
     """
     if conv_impl not in CONV_IMPL_CHOICES:
         raise ValueError(f"IMUEncoder.conv_impl must be one of {CONV_IMPL_CHOICES}, got {conv_impl!r}")
@@ -124,19 +123,45 @@ def dilated_conv1d_matmul(x, kernel, dilation: int):
     return jnp.einsum("blkc,kco->blo", patches, kernel)
 
 
-def max_pool_floor(x, size: int, impl: str):
-    """MaxPool1d(size, stride size), floor mode: (B, L, C) -> (B, floor(L / size), C).
-
-    impl "xla": nn.max_pool (lax.reduce_window; its gradient is XLA's select-and-scatter), which
-    measured a little cheaper on CPU. impl "matmul": reshape to (B, L / size, size, C) and max
-    over the window axis, whose gradient is an elementwise mask, the plain form for accelerators.
-    Both give equal values, and equal gradients where a window has no ties.
-    """
-    if impl == "xla":
-        return nn.max_pool(x, (size,), strides=(size,), padding="VALID")
+def _pool_windows(x, size: int):
+    """x (B, L, C) -> its floor(L / size) non-overlapping windows (B, floor(L / size), size, C)."""
     batch, length, channels = x.shape
     pooled = length // size
-    return x[:, : pooled * size].reshape(batch, pooled, size, channels).max(axis=2)
+    return x[:, : pooled * size].reshape(batch, pooled, size, channels)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def max_pool_floor(x, size: int):
+    """MaxPool1d(size, stride size), floor mode: (B, L, C) -> (B, floor(L / size), C).
+
+    y[b, p, c] = max_j x[b, p size + j, c], j < size; the last L mod size samples are dropped.
+    The gradient (a custom VJP) sends dy[b, p, c] to the first j that attains the max, as torch's
+    MaxPool1d and XLA's select-and-scatter do, and 0 elsewhere. It is a few elementwise selects on
+    the (B, L / size, size, C) windows; XLA's CPU select-and-scatter lowering builds index arrays
+    and a scatter instead, and autodiff of the reshaped max splits dy among tied entries.
+    """
+    return _pool_windows(x, size).max(axis=2)
+
+
+def _max_pool_floor_fwd(x, size):
+    pooled = max_pool_floor(x, size)
+    return pooled, (x, pooled)
+
+
+def _max_pool_floor_bwd(size, saved, grad_pooled):
+    x, pooled = saved
+    windows = _pool_windows(x, size)
+    taken = jnp.zeros(pooled.shape, bool)
+    grads = []
+    for j in range(size):
+        first_max = (windows[:, :, j] == pooled) & ~taken
+        grads.append(jnp.where(first_max, grad_pooled, 0.0).astype(x.dtype))
+        taken = taken | first_max
+    grad = jnp.stack(grads, axis=2).reshape(x.shape[0], -1, x.shape[2])
+    return (jnp.pad(grad, ((0, 0), (0, x.shape[1] - grad.shape[1]), (0, 0))),)
+
+
+max_pool_floor.defvjp(_max_pool_floor_fwd, _max_pool_floor_bwd)
 
 
 class DilatedConv1D(nn.Module):
@@ -389,9 +414,8 @@ class IMUEncoder(nn.Module):
             raise ValueError(
                 f"IMUEncoder needs at least {min_input_length()} time steps per window, got {x.shape[1]}"
             )
-        impl = resolve_conv_impl(self.conv_impl, jax.default_backend())
-        x = max_pool_floor(self.conv1(self.input_norm(x)), POOL_SIZE, impl)
-        x = max_pool_floor(self.conv2(x), POOL_SIZE, impl)
+        x = max_pool_floor(self.conv1(self.input_norm(x)), POOL_SIZE)
+        x = max_pool_floor(self.conv2(x), POOL_SIZE)
         x = self.conv3(x)
         pool = jnp.asarray(adaptive_avg_pool_matrix(x.shape[1], self.pooled_length), self.dtype)
         return self.feature_norm(jnp.einsum("blc,lp->bpc", x, pool))

@@ -1,6 +1,6 @@
 """The encoder's fast formulations equal the plain ones: the GRU's custom VJP against autodiff
 through a step loop (and float64 numpy), the im2col convolution against XLA's convolution, the
-reshape max-pool against nn.max_pool; forward and gradients, and the param tree unchanged.
+the custom-VJP max-pool against nn.max_pool; forward and gradients, and the param tree unchanged.
 
 Matmuls run at "highest" precision so that float32 comparisons hold on CPU, GPU and TPU alike;
 differently compiled float32 programs then agree to ~1e-6 relative, checked at 1e-5.
@@ -140,16 +140,19 @@ def test_matmul_convolution_equals_xla_convolution(length, kernel_size, channels
             assert_close(got, expected, name=name)
 
 
-def test_reshape_max_pool_equals_nn_max_pool():
+def test_max_pool_equals_nn_max_pool_and_routes_gradients_to_the_first_max():
     x = np.random.default_rng(2).normal(size=(2, 232, 5)).astype(np.float32)  # 232 = 3 * 77 + 1: floor mode
+    x[0, 3:6, 0] = 7.0  # a window with a three-way tie: its gradient goes to the first entry only
+    x[1, 10, 2] = x[1, 11, 2] = 9.0  # a two-way tie
     cotangent = np.random.default_rng(3).normal(size=(2, 77, 5)).astype(np.float32)
     reference = lambda v: nn.max_pool(v, (3,), strides=(3,), padding="VALID")  # noqa: E731
-    np.testing.assert_array_equal(jax.jit(lambda v: max_pool_floor(v, 3, "xla"))(x), reference(x))
-    pooled = jax.jit(lambda v: max_pool_floor(v, 3, "matmul"))(x)
-    np.testing.assert_array_equal(pooled, reference(x))
-    (grad,) = cotangent_grads(lambda v: max_pool_floor(v, 3, "matmul"), cotangent, x)
+    np.testing.assert_array_equal(jax.jit(lambda v: max_pool_floor(v, 3))(x), reference(x))
+    (grad,) = cotangent_grads(lambda v: max_pool_floor(v, 3), cotangent, x)
     (expected,) = cotangent_grads(reference, cotangent, x)
     np.testing.assert_array_equal(grad, expected)
+    assert grad[0, 3, 0] == cotangent[0, 1, 0] and grad[0, 4, 0] == grad[0, 5, 0] == 0.0
+    assert grad[1, 10, 2] == cotangent[1, 3, 2] and grad[1, 11, 2] == 0.0
+    assert np.all(grad[:, 231] == 0.0)  # the dropped tail sample
 
 
 def test_conv_impl_auto_picks_xla_on_cpu_and_matmul_elsewhere():
