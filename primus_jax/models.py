@@ -226,6 +226,7 @@ def _gru_forward(inputs, input_kernel, input_bias, kernel, bias, dtype, unroll):
     and steps 2..S's (h_{t-1}, r, z, n, h_n), each (S - 1, B, H).
     """
     batch = inputs.shape[1]
+    input_kernel, kernel = input_kernel.astype(dtype), kernel.astype(dtype)  # cast once, not per step
 
     def step(h, x_t):
         x_proj = _matmul(x_t, input_kernel, dtype) + input_bias
@@ -285,7 +286,7 @@ def _gru_gate_grads(dh, h, reset, update, candidate, h_n):
 
 def _gru_recurrence_bwd(dtype, unroll, saved, dh_final):
     (first_gates, loop_residuals), inputs, input_kernel, kernel = saved
-    input_kernel_t, kernel_t = input_kernel.T, kernel.T
+    input_kernel_t, kernel_t = input_kernel.astype(dtype).T, kernel.astype(dtype).T
 
     def step(carry, step_inputs):
         dh, (grad_input_kernel, grad_input_bias, grad_kernel, grad_bias) = carry
