@@ -52,9 +52,9 @@ def read_json(path) -> dict:
     return content
 
 
-def read_manifest(dataset_dir) -> dict:
+def read_manifest(dataset_dir, *, check_tfds: bool = True) -> dict:
     """Loads and checks `<dataset_dir>/manifest.json`; DataError if it is missing or invalid,
-    or if TFDS metadata in the folder disagrees with it."""
+    or (with check_tfds) if TFDS metadata in the folder disagrees with it."""
     path = paths.resolve(dataset_dir) / MANIFEST_NAME
     if not path.is_file():
         raise DataError(f"{path}: no manifest found; is this a dataset written by "
@@ -85,5 +85,6 @@ def read_manifest(dataset_dir) -> dict:
         if not files_ok or sum(counts) != info.get("records"):
             raise DataError(f"{path}: split '{split}': 'records' is {info.get('records')!r} "
                             f"but its shards hold {sum(counts)}")
-    check_tfds_files(path.parent, manifest, path)
+    if check_tfds:
+        check_tfds_files(path.parent, manifest, path)
     return manifest
