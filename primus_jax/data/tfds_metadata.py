@@ -176,6 +176,14 @@ def write_tfds_files(dataset_dir, manifest: dict) -> None:
             (directory / name).unlink()
 
 
+def remove_tfds_files(dataset_dir) -> None:
+    """Deletes the TFDS metadata, dataset_info.json first (then TFDS no longer opens the folder)."""
+    directory = paths.resolve(dataset_dir)
+    for name in reversed(TFDS_FILE_NAMES):
+        if (directory / name).exists():
+            (directory / name).unlink()
+
+
 def _first_difference(found, expected, where: str = "") -> str:
     """Where two parsed JSON values first differ: 'splits[0].shardLengths[1] is "5", not "4"'."""
     if isinstance(found, dict) and isinstance(expected, dict):

@@ -17,7 +17,7 @@ from primus_jax import paths
 from primus_jax.data.example_codec import encode_example
 from primus_jax.data.manifest import MANIFEST_KEYS, MANIFEST_NAME, publish_manifest, read_json
 from primus_jax.data.schema import CHANNELS, SCHEMA_VERSION, DataError, Window
-from primus_jax.data.tfds_metadata import check_class_names, shard_file_name
+from primus_jax.data.tfds_metadata import check_class_names, remove_tfds_files, shard_file_name
 from primus_jax.data.tfrecord import frame_record
 
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
@@ -163,6 +163,7 @@ class DatasetWriter:
             except DataError:
                 log.warning("replacing unreadable %s; its shards are left in place", manifest_path)
             manifest_path.unlink()  # no manifest at all beats one naming replaced shards
+        remove_tfds_files(self.out_dir)  # nor may TFDS open the folder while shards change
         splits = {}
         for split, shards in sorted(self._finished.items()):
             entries = []
