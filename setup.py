@@ -33,7 +33,10 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "tensorflow-cpu>=2.16", "gcp-storage-emulator>=2026.7"],
+        # tensorflow-datasets: opening a prepared dataset with tfds.builder_from_directory (tested
+        # with 4.9.10 next to tensorflow-cpu 2.21 and protobuf 6.33)
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "tensorflow-cpu>=2.16", "tensorflow-datasets>=4.9.10,<5",
+                 "gcp-storage-emulator>=2026.7"],
         # Accelerators: jax's CUDA 12 / CUDA 13 wheels (NVIDIA driver only, CUDA comes from pip), or libtpu.
         "cuda12": ["jax[cuda12]>=0.10.2,<0.12"],
         "cuda13": ["jax[cuda13]>=0.10.2,<0.12"],

@@ -82,14 +82,14 @@ def test_manifest_describes_the_dataset(dataset):
     train = manifest["splits"]["train"]
     assert train["records"] == NUM_TRAIN
     assert [s["records"] for s in train["shards"]] == [5, 5, 5, 5, 3]
-    assert [s["file"] for s in train["shards"]][-1] == "train-00004.tfrecord"
+    assert [s["file"] for s in train["shards"]][-1] == "primus_imu_windows-train.tfrecord-00004-of-00005"
     assert sorted(f for f in os.listdir(dataset) if f.startswith(".")) == []
 
 
 def test_encode_decode_example_round_trip():
     window = make_window(4)
-    decoded = data.decode_example(data.encode_example(window), T=T, text_dim=TEXT_DIM,
-                                  video_dim=VIDEO_DIM, where="x")
+    decoded = data.decode_example(data.encode_example(window, text_dim=TEXT_DIM, video_dim=VIDEO_DIM),
+                                  T=T, text_dim=TEXT_DIM, video_dim=VIDEO_DIM, where="x")
     assert_matches_window(decoded.__getitem__, 4, window)
     assert decoded["text"] == window.text and decoded["subject"] == "s0"
     assert decoded["rate_hz"] == RATE and decoded["start_s"] == pytest.approx(2.0)
@@ -116,7 +116,8 @@ def test_fast_decoding_equals_protobuf_decoding(dims):
         window.text = "long narration " * (i % 9)  # up to 120 bytes: past the fast limit
         window.text_emb = window.text_emb if text_dim else None
         window.video_emb = window.video_emb if video_dim else None
-        raw = data.encode_example(window)
+        # odd i: schema 2 (an absent embedding stored as zeros); even i: schema 1 (empty list)
+        raw = data.encode_example(window, text_dim=text_dim * (i % 2), video_dim=video_dim * (i % 2))
         takes_fast_path = -1 <= window.label <= 127 and len(window.text) <= 100
         assert (decoder.training_fields(raw) is not None) == takes_fast_path, i
         expected = example_codec._decode_with_protobuf(raw, T=T, text_dim=text_dim,
@@ -159,15 +160,15 @@ def test_batch_iterator_round_trip_in_order(dataset):
 def test_tf_data_reads_our_shards(dataset, tmp_path):
     import tensorflow as tf
 
-    shard = os.path.join(dataset, "train-00001.tfrecord")
+    shard = os.path.join(dataset, "primus_imu_windows-train.tfrecord-00001-of-00005")
     spec = {
         "imu": tf.io.FixedLenFeature([T * 6], tf.float32),
         "imu_shape": tf.io.FixedLenFeature([2], tf.int64),
         "rate_hz": tf.io.FixedLenFeature([], tf.float32),
         "text": tf.io.FixedLenFeature([], tf.string),
-        "text_emb": tf.io.VarLenFeature(tf.float32),
+        "text_emb": tf.io.FixedLenFeature([TEXT_DIM], tf.float32),
         "has_text": tf.io.FixedLenFeature([], tf.int64),
-        "video_emb": tf.io.VarLenFeature(tf.float32),
+        "video_emb": tf.io.FixedLenFeature([VIDEO_DIM], tf.float32),
         "has_video": tf.io.FixedLenFeature([], tf.int64),
         "label": tf.io.FixedLenFeature([], tf.int64),
         "source": tf.io.FixedLenFeature([], tf.string),
@@ -185,9 +186,9 @@ def test_tf_data_reads_our_shards(dataset, tmp_path):
         assert record["rate_hz"].numpy() == RATE
         assert record["text"].numpy().decode("utf-8") == window.text
         for name in ("text_emb", "video_emb"):
-            vector = tf.sparse.to_dense(record[name]).numpy()
             expected = getattr(window, name)
-            np.testing.assert_array_equal(vector, [] if expected is None else expected)
+            np.testing.assert_array_equal(record[name].numpy(), np.zeros(record[name].shape)
+                                          if expected is None else expected)
             flag = "has_text" if name == "text_emb" else "has_video"
             assert record[flag].numpy() == (expected is not None)
         assert record["label"].numpy() == window.label
@@ -236,7 +237,9 @@ def test_writer_refuses_existing_dataset_and_overwrites_atomically(tmp_path):
     assert ids({"imu": data.load_split(tmp_path, "train")["imu"]}) == list(range(12))
     # A completed overwrite replaces it and removes its stale shards.
     write_dataset(tmp_path, {"val": 3}, overwrite=True)
-    assert sorted(os.listdir(tmp_path)) == ["manifest.json", "val-00000.tfrecord"]
+    assert sorted(os.listdir(tmp_path)) == [
+        "dataset_info.json", "features.json", "label.labels.txt", "manifest.json",
+        "primus_imu_windows-val.tfrecord-00000-of-00001"]
 
 
 @pytest.mark.parametrize("change, message", [
@@ -266,8 +269,8 @@ def test_read_manifest_errors(tmp_path):
         data.read_manifest(tmp_path)
     write_dataset(tmp_path, {"train": 2}, overwrite=True)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 2}))
-    with pytest.raises(data.DataError, match="'schema_version' is 2"):
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 3}))
+    with pytest.raises(data.DataError, match="'schema_version' is 3"):
         data.read_manifest(tmp_path)
     with pytest.raises(data.DataError, match="no split 'test'"):
         (tmp_path / "manifest.json").write_text(json.dumps(manifest))
@@ -393,6 +396,26 @@ def nan_imu_in_place(path, index):
     rewrite_record(path, index, poison)
 
 
+def nonzero_absent_embedding(path, index):
+    def poison(feature):
+        assert not feature["has_text"].int64_list.value[0]
+        feature["text_emb"].float_list.value[1] = 0.5
+
+    rewrite_record(path, index, mutate_feature(poison))
+
+
+def nonzero_absent_embedding_in_place(path, index):
+    """An absent text embedding (stored as zeros) made non-zero in a canonical record."""
+    def poison(raw):
+        zeros = example_codec._feature_entry("text_emb", "float_list",
+                                             example_codec._float_list(np.zeros(TEXT_DIM)))
+        assert raw.count(zeros) == 1
+        return raw.replace(zeros, example_codec._feature_entry(
+            "text_emb", "float_list", example_codec._float_list([0.0, 0.5, 0.0, 0.0])))
+
+    rewrite_record(path, index, poison)
+
+
 CORRUPTIONS = {  # name: (corrupt(path, index), record index, words in the message)
     "truncated": (truncate, 5, "truncated"),
     "flipped_byte": (flip_byte, 3, "data CRC mismatch"),
@@ -400,6 +423,10 @@ CORRUPTIONS = {  # name: (corrupt(path, index), record index, words in the messa
     "wrong_imu_length": (short_imu, 3, "field 'imu' has 47 values, expected 48"),
     "nan_in_imu": (nan_imu, 3, "field 'imu' holds NaN"),
     "nan_in_canonical_imu": (nan_imu_in_place, 3, "field 'imu' holds NaN"),
+    "nonzero_absent_embedding": (nonzero_absent_embedding, 3,
+                                 "field 'text_emb' is absent (its flag is 0) but holds 4 values"),
+    "nonzero_absent_embedding_in_place": (nonzero_absent_embedding_in_place, 3,
+                                          "field 'text_emb' is absent (its flag is 0) but holds"),
 }
 
 
@@ -407,7 +434,7 @@ CORRUPTIONS = {  # name: (corrupt(path, index), record index, words in the messa
 def test_corrupt_record_raises_or_is_skipped(tmp_path, kind):
     corrupt, bad, words = CORRUPTIONS[kind]
     write_dataset(tmp_path, {"train": 6}, records_per_shard=6)
-    shard = os.path.join(tmp_path, "train-00000.tfrecord")
+    shard = os.path.join(tmp_path, "primus_imu_windows-train.tfrecord-00000-of-00001")
     corrupt(shard, bad)
 
     with iterator(tmp_path, 2, shuffle=False, prefetch=2) as it:

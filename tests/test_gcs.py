@@ -187,8 +187,9 @@ def test_prepare_train_kill_resume_and_load_encoder_on_gcs(emulator, audited_env
                           timeout=180)
     assert prep.returncode == 0, prep.stderr[-3000:]
     written = emulator.objects("route/data/")
-    assert {"route/data/manifest.json", "route/data/report.json"} <= set(written)
-    assert any(name.endswith(".tfrecord") for name in written)
+    assert {"route/data/manifest.json", "route/data/report.json", "route/data/dataset_info.json",
+            "route/data/features.json", "route/data/label.labels.txt"} <= set(written)
+    assert any(name.startswith("route/data/primus_imu_windows-train.tfrecord-") for name in written)
     assert not any(".partial" in name for name in written)
     assert not os.path.exists(tmp_path / "gs:")  # not taken as a local folder named "gs:"
     manifest = json.loads(emulator.download("route/data/manifest.json"))

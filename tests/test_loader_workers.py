@@ -37,7 +37,7 @@ def test_workers_give_the_batches_of_the_main_process_and_resume_exactly(dataset
 def test_corrupt_record_in_a_worker_raises_or_is_skipped_as_in_the_main_process(tmp_path):
     corrupt, bad, words = CORRUPTIONS["nan_in_canonical_imu"]
     write_dataset(tmp_path, {"train": 6}, records_per_shard=6)
-    shard = os.path.join(tmp_path, "train-00000.tfrecord")
+    shard = os.path.join(tmp_path, "primus_imu_windows-train.tfrecord-00000-of-00001")
     corrupt(shard, bad)
     with iterator(tmp_path, 2, shuffle=False, workers=1, prefetch=1) as it:
         take(it, bad // 2)

@@ -65,7 +65,7 @@ def _imu_huge(feature):
 
 
 def _shard(dataset: str, k: int) -> str:
-    return os.path.join(dataset, f"train-{k:05d}.tfrecord")
+    return os.path.join(dataset, data.read_manifest(dataset)["splits"]["train"]["shards"][k]["file"])
 
 
 def _run(workdir, overrides, timeout=300, **kwargs):

@@ -120,8 +120,12 @@ def _bytes_list(value: bytes) -> bytes:
     return _length_delimited(0x0A, value)
 
 
-def encode_example(window: Window) -> bytes:
-    """Serializes a Window as a tf.train.Example in the canonical layout (module docstring)."""
+def encode_example(window: Window, *, text_dim: int, video_dim: int) -> bytes:
+    """Serializes a Window as a tf.train.Example in the canonical layout (module docstring).
+
+    text_dim, video_dim: the dataset's embedding sizes; an absent embedding is written as that
+    many zeros with has_text / has_video 0 (schema version 2; 0 gives version 1's empty list).
+    """
     imu = np.asarray(window.imu, dtype=np.float32)
     if imu.ndim != 2 or imu.shape[1] != CHANNELS:
         raise ValueError(f"Window.imu has shape {imu.shape}, expected (T, {CHANNELS})")
@@ -130,10 +134,11 @@ def encode_example(window: Window) -> bytes:
         "imu_shape": ("int64_list", _int64_list(imu.shape)),
         "rate_hz": ("float_list", _float_list([window.rate_hz])),
         "text": ("bytes_list", _bytes_list(window.text.encode("utf-8"))),
-        "text_emb": ("float_list", _float_list([] if window.text_emb is None else window.text_emb)),
+        "text_emb": ("float_list", _float_list(np.zeros(text_dim) if window.text_emb is None
+                                               else window.text_emb)),
         "has_text": ("int64_list", _int64_list([window.text_emb is not None])),
-        "video_emb": ("float_list",
-                      _float_list([] if window.video_emb is None else window.video_emb)),
+        "video_emb": ("float_list", _float_list(np.zeros(video_dim) if window.video_emb is None
+                                                else window.video_emb)),
         "has_video": ("int64_list", _int64_list([window.video_emb is not None])),
         "label": ("int64_list", _int64_list([window.label])),
         "source": ("bytes_list", _bytes_list(window.source.encode("utf-8"))),
@@ -200,10 +205,17 @@ def _decode_with_protobuf(raw: bytes, *, T: int, text_dim: int, video_dim: int,
             raise DataError(f"{prefix}field '{name}' is not valid utf-8") from None
 
     def embedding(name, has, dim):
-        if not has:
-            values(name, "float_list", 0)
-            return np.zeros((dim,), np.float32)
-        return vector(name, dim)
+        if has:
+            return vector(name, dim)
+        stored = feature.get(name)
+        # schema 1 stored an absent embedding as an empty list (or an empty Feature), 2 as zeros
+        found = ([] if stored is not None and stored.WhichOneof("kind") is None
+                 else values(name, "float_list"))
+        if len(found) not in (0, dim) or any(found):
+            raise DataError(f"{prefix}field '{name}' is absent (its flag is 0) but holds "
+                            f"{len(found)} values that are not all zero; expected none or "
+                            f"{dim} zeros")
+        return np.zeros((dim,), np.float32)
 
     shape = list(values("imu_shape", "int64_list"))
     if shape != [T, CHANNELS]:
@@ -362,9 +374,6 @@ class ExampleDecoder:
                 and rate_hz > 0):
             return None
         has_text, has_video = g[has_text_at] == b"\x01", g[has_video_at] == b"\x01"
-        if ((g[text_at] is None) == (has_text and self.text_dim > 0)
-                or (g[video_at] is None) == (has_video and self.video_dim > 0)):
-            return None
         view = memoryview(raw)
         start = match.end(imu_at + 1)
         imu = view[start:start + 4 * CHANNELS * self.T]
@@ -372,9 +381,21 @@ class ExampleDecoder:
         if g[text_at] is not None:
             start = match.end(text_at + 1)
             text_emb = view[start:start + 4 * self.text_dim]
+            if not has_text:  # an absent embedding stored as zeros (schema 2)
+                if text_emb != self._no_text:
+                    return None
+                text_emb = None
+        elif has_text and self.text_dim:
+            return None
         if g[video_at] is not None:
             start = match.end(video_at + 1)
             video_emb = view[start:start + 4 * self.video_dim]
+            if not has_video:
+                if video_emb != self._no_video:
+                    return None
+                video_emb = None
+        elif has_video and self.video_dim:
+            return None
         label = -1 if g[label_at] is None else g[label_at][0]
         return (imu, text_emb, video_emb, has_text, has_video, label, rate_hz, start_s, end_s,
                 *strings)

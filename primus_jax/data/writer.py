@@ -1,4 +1,5 @@
-"""DatasetWriter: streams Windows into TFRecord shards and publishes manifest.json."""
+"""DatasetWriter: streams Windows into TFRecord shards and publishes manifest.json (and the
+TFDS metadata derived from it)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from etils import epath
 
 from primus_jax import paths
 from primus_jax.data.example_codec import encode_example
-from primus_jax.data.manifest import (MANIFEST_KEYS, MANIFEST_NAME, read_json,
-                                      write_json_atomically)
+from primus_jax.data.manifest import MANIFEST_KEYS, MANIFEST_NAME, publish_manifest, read_json
 from primus_jax.data.schema import CHANNELS, SCHEMA_VERSION, DataError, Window
+from primus_jax.data.tfds_metadata import check_class_names, remove_tfds_files, shard_file_name
 from primus_jax.data.tfrecord import frame_record
 
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
@@ -36,7 +37,8 @@ class DatasetWriter:
 
     Use as a context manager. Each split keeps one open shard; a full shard is closed under a
     hidden temporary name. `close()` (a clean exit of the `with` block) renames every shard to
-    `<split>-<k:05d>.tfrecord` and then writes the manifest atomically. An exception inside
+    its TFDS name (`tfds_metadata.shard_file_name`), writes the TFDS metadata and then the
+    manifest, each atomically (`manifest.publish_manifest`). An exception inside
     the block deletes the temporary files and leaves the folder as it was, so a half-written
     shard never appears under its final name. With overwrite=True the previous dataset in
     out_dir stays intact until close(), which replaces it and deletes its stale shards.
@@ -76,6 +78,10 @@ class DatasetWriter:
         except (TypeError, ValueError) as error:
             raise ValueError(f"DatasetWriter({self.out_dir}): towers, class_names and extra "
                              f"must be JSON-serialisable ({error})") from None
+        try:  # TFDS keeps the class names one a line: found out before any work, not at close
+            check_class_names(self._header["class_names"])
+        except DataError as error:
+            raise ValueError(f"DatasetWriter({self.out_dir}): {error}") from None
         self._open: dict[str, _OpenShard] = {}
         self._finished: dict[str, list[tuple[str, int]]] = {}  # split -> [(temp path, records)]
         self._manifest = None
@@ -131,7 +137,8 @@ class DatasetWriter:
             temporary = self.out_dir / f".{split}-{shard:05d}.tfrecord.partial"
             self._open[split] = _OpenShard(temporary.open("wb"), temporary)
         shard = self._open[split]
-        shard.file.write(frame_record(encode_example(window)))
+        shard.file.write(frame_record(encode_example(window, text_dim=self.text_dim,
+                                                     video_dim=self.video_dim)))
         shard.records += 1
         if shard.records == self.records_per_shard:
             self._finish_shard(split)
@@ -156,16 +163,17 @@ class DatasetWriter:
             except DataError:
                 log.warning("replacing unreadable %s; its shards are left in place", manifest_path)
             manifest_path.unlink()  # no manifest at all beats one naming replaced shards
+        remove_tfds_files(self.out_dir)  # nor may TFDS open the folder while shards change
         splits = {}
         for split, shards in sorted(self._finished.items()):
             entries = []
             for shard, (temporary, records) in enumerate(shards):
-                name = f"{split}-{shard:05d}.tfrecord"
+                name = shard_file_name(split, shard, len(shards))
                 paths.move(temporary, self.out_dir / name)
                 entries.append({"file": name, "records": records})
             splits[split] = {"records": sum(e["records"] for e in entries), "shards": entries}
         manifest = {**self._header, "splits": splits, **self._extra}
-        write_json_atomically(manifest_path, manifest)
+        publish_manifest(self.out_dir, manifest)
         kept = {e["file"] for info in splits.values() for e in info["shards"]}
         for info in (previous.get("splits") or {}).values():
             for entry in info.get("shards", []):
