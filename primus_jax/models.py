@@ -123,11 +123,14 @@ def dilated_conv1d_matmul(x, kernel, dilation: int):
     return jnp.einsum("blkc,kco->blo", patches, kernel)
 
 
-def _pool_windows(x, size: int):
-    """x (B, L, C) -> its floor(L / size) non-overlapping windows (B, floor(L / size), size, C)."""
-    batch, length, channels = x.shape
-    pooled = length // size
-    return x[:, : pooled * size].reshape(batch, pooled, size, channels)
+def _pool_taps(x, size: int) -> list:
+    """The `size` strided views x[:, j : P size : size] (each (B, P, C), P = floor(L / size)) of x (B, L, C).
+
+    Tap j holds sample j of every window; the window max is their elementwise max, one loop that
+    reads x in place (a reshape to (B, P, size, C) made XLA's CPU backend copy x first).
+    """
+    end = (x.shape[1] // size) * size
+    return [x[:, j:end:size] for j in range(size)]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -137,10 +140,10 @@ def max_pool_floor(x, size: int):
     y[b, p, c] = max_j x[b, p size + j, c], j < size; the last L mod size samples are dropped.
     The gradient (a custom VJP) sends dy[b, p, c] to the first j that attains the max, as torch's
     MaxPool1d and XLA's select-and-scatter do, and 0 elsewhere. It is a few elementwise selects on
-    the (B, L / size, size, C) windows; XLA's CPU select-and-scatter lowering builds index arrays
-    and a scatter instead, and autodiff of the reshaped max splits dy among tied entries.
+    the window taps; XLA's CPU select-and-scatter lowering builds index arrays and a scatter
+    instead, and autodiff of a reshaped max splits dy among tied entries.
     """
-    return _pool_windows(x, size).max(axis=2)
+    return functools.reduce(jnp.maximum, _pool_taps(x, size))
 
 
 def _max_pool_floor_fwd(x, size):
@@ -150,11 +153,10 @@ def _max_pool_floor_fwd(x, size):
 
 def _max_pool_floor_bwd(size, saved, grad_pooled):
     x, pooled = saved
-    windows = _pool_windows(x, size)
     taken = jnp.zeros(pooled.shape, bool)
     grads = []
-    for j in range(size):
-        first_max = (windows[:, :, j] == pooled) & ~taken
+    for tap in _pool_taps(x, size):
+        first_max = (tap == pooled) & ~taken
         grads.append(jnp.where(first_max, grad_pooled, 0.0).astype(x.dtype))
         taken = taken | first_max
     grad = jnp.stack(grads, axis=2).reshape(x.shape[0], -1, x.shape[2])
