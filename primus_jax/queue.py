@@ -72,6 +72,16 @@ def _require_batch(queue: NNQueue, imu, text, video, has_text, has_video, functi
             )
 
 
+def _similarity_if_needed(needed: jax.Array, query: jax.Array, buffer: jax.Array) -> jax.Array:
+    """(B, S) cosines norm(query) buffer^T of B query rows with S stored unit rows, or zeros
+    (skipping the matmul) when no entry of `needed` (B, 1) is True."""
+    return jax.lax.cond(
+        jnp.any(needed),
+        lambda: l2_normalize(query) @ buffer.T,
+        lambda: jnp.zeros((query.shape[0], buffer.shape[0]), jnp.result_type(query, buffer)),
+    )
+
+
 def lookup(
     queue: NNQueue,
     imu: jax.Array,
@@ -88,8 +98,10 @@ def lookup(
     video; else, with text, by text against filled slots with text; else by IMU against all
     filled slots. retrieve_by="imu": every sample by IMU (the reference does so at alpha = 1).
 
-    Computed as three (B, S) similarity matmuls C_m = norm(q_m) Q_m^T, a per-sample choice of
-    one of them with its (B, S) eligibility mask E, and j*_b = argmax_j {C_bj : E_bj}.
+    Computed as (B, S) similarity matmuls C_m = norm(q_m) Q_m^T, a per-sample choice of one of
+    them with its (B, S) eligibility mask E, and j*_b = argmax_j {C_bj : E_bj}. A modality's
+    matmul runs only when some sample of the batch retrieves by it (a lax.cond): with
+    retrieve_by="auto" a batch in which every sample has video computes one matmul, not three.
     Returns {"imu", "text", "video": (B, .) neighbour rows, "has_text", "has_video": (B,) its
     flags, "valid": (B,) at least one eligible slot, "index": (B,) int32 j*}. Where valid is
     False the rows are zero, the flags False and the index 0 (an empty queue gives no neighbours).
@@ -97,17 +109,18 @@ def lookup(
     if retrieve_by not in RETRIEVAL_MODES:
         raise ValueError(f"retrieve_by must be one of {RETRIEVAL_MODES}, got {retrieve_by!r}.")
     _require_batch(queue, imu, text, video, has_text, has_video, "lookup")
-    imu_similarity = l2_normalize(imu) @ queue.imu.T
-    imu_eligible = jnp.broadcast_to(queue.filled, imu_similarity.shape)
+    imu_eligible = jnp.broadcast_to(queue.filled, (imu.shape[0], queue.size))
     if retrieve_by == "imu":
-        similarity, eligible = imu_similarity, imu_eligible
+        similarity, eligible = l2_normalize(imu) @ queue.imu.T, imu_eligible
     else:
         by_video = has_video[:, None]
         by_text = (has_text & ~has_video)[:, None]
+        by_imu = ~(by_video | by_text)
         similarity = jnp.where(
             by_video,
-            l2_normalize(video) @ queue.video.T,
-            jnp.where(by_text, l2_normalize(text) @ queue.text.T, imu_similarity),
+            _similarity_if_needed(by_video, video, queue.video),
+            jnp.where(by_text, _similarity_if_needed(by_text, text, queue.text),
+                      _similarity_if_needed(by_imu, imu, queue.imu)),
         )
         eligible = jnp.where(
             by_video,

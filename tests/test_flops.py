@@ -113,3 +113,21 @@ def test_train_step_count_matches_xla_at_batch_64():
     assert counted.lookup / counted.total > 0.05  # so leaving the look-up out would fail the check above
     evaluated = flops.step_flops(config, T, EMBEDDING_DIM, EMBEDDING_DIM, backward=False)
     assert evaluated.total == pytest.approx(lowered_flops_unrolled(eval_step, state, batch), rel=0.02)
+
+
+def test_lookup_counts_only_the_similarity_matmuls_the_batch_needs():
+    """queue.lookup skips (lax.cond) the matmul of a modality no sample retrieves by; XLA's
+    cost analysis counts a conditional's costliest branch, i.e. all three, as the default does."""
+    config = default.get_config()
+    config.train.global_batch_size = 64
+    one_matmul = 2.0 * 64 * config.queue.size * config.model.mm_dim
+    every = flops.step_flops(config, T, EMBEDDING_DIM, EMBEDDING_DIM)
+    video_only = flops.step_flops(config, T, EMBEDDING_DIM, EMBEDDING_DIM, lookup_modalities=("video",))
+    assert every.lookup == pytest.approx(3 * one_matmul)
+    assert video_only.lookup == pytest.approx(one_matmul)
+    assert every.total - video_only.total == pytest.approx(2 * one_matmul)
+    config.objective.nn_retrieve_by = "imu"
+    assert flops.step_flops(config, T, EMBEDDING_DIM, EMBEDDING_DIM, lookup_modalities=("video",)).lookup == \
+        pytest.approx(2.0 * 64 * config.queue.size * config.model.ssl_dim)
+    with pytest.raises(ValueError, match="lookup_modalities"):
+        flops.step_flops(config, T, EMBEDDING_DIM, EMBEDDING_DIM, lookup_modalities=("audio",))

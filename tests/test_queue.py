@@ -131,6 +131,17 @@ def test_lookup_matches_brute_force_after_wrap_around():
     _check_lookup(queue, _batch(8, 10), retrieve_by="imu")
 
 
+@pytest.mark.parametrize("has_text, has_video", [([1, 1, 0], [1, 1, 1]), ([1, 1, 1], [0, 0, 0]), ([0, 0, 0], [0, 0, 0]),
+                                                 ([0, 1, 0], [1, 0, 0])])
+def test_lookup_skips_only_the_matmuls_no_sample_needs(has_text, has_video):
+    """Batches retrieving by video only, text only, IMU only, and by all three: the matmuls the
+    lax.conds skip never leak into the result."""
+    queue = nnq.init_queue(SIZE, IMU_DIM, TEXT_DIM, VIDEO_DIM)
+    queue = enqueue_jit(queue, *_arrays(_batch(8, 11, has_text=[1, 0] * 4, has_video=[1, 1, 0, 0] * 2)))
+    found = _check_lookup(queue, _batch(3, 12, has_text=has_text, has_video=has_video))
+    assert np.all(found["valid"])
+
+
 def test_sample_with_video_finds_none_when_no_slot_has_video():
     queue = nnq.init_queue(SIZE, IMU_DIM, TEXT_DIM, VIDEO_DIM)
     queue = enqueue_jit(queue, *_arrays(_batch(3, 11, has_text=[1, 1, 1], has_video=[0, 0, 0])))
