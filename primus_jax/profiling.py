@@ -7,7 +7,7 @@ separates them. The trace covers everything the loop does in those steps: readin
 decoding the batch, the host-to-device transfer, the compiled step, metrics and checkpoints.
 It is written to `<logdir>/plugins/profile/<run>/<host>.xplane.pb`, where TensorBoard (with
 the `tensorboard-plugin-profile` package) finds it. `()` (the default) turns it off: then
-`step` is a no-op context and nothing is imported or started.
+`step` returns a shared `contextlib.nullcontext()` and no profiler is started.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import logging
 import jax
 
 log = logging.getLogger(__name__)
+_NO_PROFILE = contextlib.nullcontext()
 
 
 def profile_window_problem(profile_steps) -> str | None:
@@ -39,24 +40,26 @@ class StepProfiler:
         self.active = False
         self._done = not window
 
-    @contextlib.contextmanager
     def step(self, step: int, state_after=lambda: None):
         """Context around the loop's work for update `step` (0-based: the counter before it).
 
         `state_after` returns what the step produced; it is waited for before a trace stops,
-        so the trace holds the device's work of the last traced step.
+        so the trace holds the device's work of the last traced step. Outside the window (and
+        always when profiling is off) this is a shared `contextlib.nullcontext()`.
         """
         if self._done or step >= self.stop:  # off, or already past the window (a resumed run)
             self._done = True
-            yield
-            return
-        if not self.active and self.start <= step < self.stop:
+            return _NO_PROFILE
+        if not self.active and step < self.start:
+            return _NO_PROFILE
+        return self._traced(step, state_after)
+
+    @contextlib.contextmanager
+    def _traced(self, step: int, state_after):
+        if not self.active:
             log.info("profiling steps %d..%d into %s", step + 1, self.stop, self.logdir)
             jax.profiler.start_trace(self.logdir)
             self.active = True
-        if not self.active:
-            yield
-            return
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
             yield
         if step + 1 >= self.stop:

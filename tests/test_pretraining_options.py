@@ -3,6 +3,7 @@ learning-rate schedules and clipping (configs/pod.py), alone and together, and e
 all of them on."""
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import math
@@ -170,7 +171,9 @@ def test_clip_norm_scales_the_gradient_before_adam():
         scaled = jax.tree_util.tree_map(lambda g: g * 2.0 / norm if norm > 2.0 else g, grads)
 
 
-def test_profile_window_and_evaluator_config_errors(datasets):
+def test_profile_window_and_evaluator_config_errors(datasets, tmp_path):
+    off = profiling.StepProfiler((), str(tmp_path / "tb"))
+    assert off.step(0) is off.step(1) and isinstance(off.step(2), type(contextlib.nullcontext()))
     assert profiling.profile_window_problem(()) is None
     assert profiling.profile_window_problem((3, 5)) is None
     for bad in ((5, 3), (1,), (-1, 2)):
