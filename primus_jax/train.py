@@ -549,7 +549,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluato
     except ConfigError:
         iterator.close()
         raise
-    if len(sources) > 1 or config.data.mixture:
+    if config.data.mixture:
         log.info("mixture: %s of every global batch of %d", ", ".join(
             f"{s.name} {g} ({g / config.train.global_batch_size:.3f})" for s, g in zip(sources, batch_sizes)),
             config.train.global_batch_size)

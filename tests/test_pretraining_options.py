@@ -191,6 +191,24 @@ def test_profile_window_and_evaluator_config_errors(datasets, tmp_path):
         evaluators.Evaluators(config)
 
 
+def test_a_failing_evaluator_is_reported_once_and_switched_off(datasets, caplog):
+    downstream = os.path.join(datasets, "downstream")  # 4 train windows per class
+    config = tiny_config(datasets)
+    config.evals.few = dict(type="fewshot", every=1, data_dir=downstream, shots=(2, 5))
+    config.evals.text = dict(type="retrieval", every=1, data_dir=downstream, head="emb")
+    evals = evaluators.Evaluators(config)
+    dims = train.DataDims.from_manifest(data.read_manifest(downstream))
+    params = None  # both fail while loading their data, before any encoding
+    with caplog.at_level("WARNING", logger="primus_jax.evaluators"):
+        assert evals.run(1, 10, params, dims) == {}
+        assert evals.run(2, 10, params, dims) == {} and len(evals) == 0
+    assert [r.getMessage() for r in caplog.records] == [
+        f"evaluator 'few' (fewshot) failed at step 1 and is switched off: class 'walk' has 4 windows in split "
+        f"'train' of {downstream}, fewer than k=5 shots",
+        f"evaluator 'text' (retrieval) failed at step 1 and is switched off: {downstream} has 16-d text "
+        f"embeddings, but the emb features are 32-d"]
+
+
 # --------------------------------------------------------------------------- everything together
 
 def _pod_config_file(tmp_path, datasets) -> str:
