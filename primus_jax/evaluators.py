@@ -65,8 +65,10 @@ def _load_labelled(cfg, split: str, dims: train.DataDims) -> dict:
     return data.load_split(cfg.data_dir, split)
 
 
-class _Evaluator:
-    """One configured evaluator: `setup(dims)` once (loads its data), then `__call__(params) -> metrics`."""
+class Evaluator:
+    """One configured evaluator. `evaluator(params, dims)` runs `setup(dims)` the first time (loads
+    its data, checks it against the pretraining windows `dims`), then `evaluate(params) -> metrics`
+    on encoder params (host numpy)."""
 
     def __init__(self, name: str, cfg: ml_collections.ConfigDict, config: ml_collections.ConfigDict):
         self.name, self.cfg = name, cfg
@@ -94,7 +96,7 @@ class _Evaluator:
         return self.evaluate(params)
 
 
-class FewShot(_Evaluator):
+class FewShot(Evaluator):
     """Linear probe on frozen features at each k of cfg.shots (evaluate.few_shot_probe)."""
 
     def setup(self, dims):
@@ -130,7 +132,7 @@ class FewShot(_Evaluator):
         return metrics
 
 
-class ZeroShot(_Evaluator):
+class ZeroShot(Evaluator):
     """Top-1 accuracy against the class prompts' text prototypes (evaluate.zero_shot)."""
 
     def setup(self, dims):
@@ -159,7 +161,7 @@ class ZeroShot(_Evaluator):
         return {"accuracy": evaluate.zero_shot(self.encode(params, self.windows), self.labels, self.prototypes)}
 
 
-class Retrieval(_Evaluator):
+class Retrieval(Evaluator):
     """IMU -> text recall@k on the split's windows with text (evaluate.retrieval_recall, paired)."""
 
     def setup(self, dims):
@@ -212,14 +214,14 @@ class Evaluators:
 
     def __init__(self, config: ml_collections.ConfigDict):
         evals = config.get("evals") or {}
-        self.active: list[_Evaluator] = [
+        self.active: list[Evaluator] = [
             TYPES[cfg.type](name, cfg, config)
             for name, cfg in ((name, _configured(name, entry)) for name, entry in evals.items())]
 
     def __len__(self) -> int:
         return len(self.active)
 
-    def due(self, step: int, last_step: int) -> list[_Evaluator]:
+    def due(self, step: int, last_step: int) -> list[Evaluator]:
         """The active evaluators to run after update `step` (every `every` steps, and at the last step)."""
         return [e for e in self.active if step % e.every == 0 or step == last_step]
 
