@@ -105,6 +105,23 @@ def test_mixture_iterator_draws_each_batch_in_proportion_and_resumes_exactly(dat
     resumed.close()
 
 
+def test_two_processes_read_the_halves_of_each_datasets_share(datasets):
+    sources = data.parse_mixture("egoexo4d:3,ego4d:1", datasets)
+    owner = _row_owner(datasets)
+    one = data.MixtureIterator(sources, "train", 8, seed=5, process_index=0, process_count=1, prefetch=0)
+    halves = [data.MixtureIterator(sources, "train", 8, seed=5, process_index=p, process_count=2, prefetch=0)
+              for p in range(2)]
+    for _ in range(3):
+        whole = next(one)
+        parts = [next(h) for h in halves]
+        for part in parts:  # each process: 3 of egoexo4d's 6, 1 of ego4d's 2
+            assert [owner[imu.tobytes()] for imu in part["imu"]] == ["egoexo4d"] * 3 + ["ego4d"]
+        assert sorted(imu.tobytes() for part in parts for imu in part["imu"]) == sorted(
+            imu.tobytes() for imu in whole["imu"])
+    for it in (one, *halves):
+        it.close()
+
+
 def test_mixture_of_mismatched_datasets_fails_before_compiling(datasets, tmp_path):
     other = write_tiny_dataset(str(tmp_path / "wide"), n_train=16, n_val=8, text_dim=8)
     config = tiny_config(datasets, data__mixture=f"egoexo4d:1,{other}:1")
