@@ -208,6 +208,25 @@ def test_profile_window_and_evaluator_config_errors(datasets, tmp_path):
         evaluators.Evaluators(config)
 
 
+def test_profiler_traces_its_window_only_and_a_bad_destination_is_one_warning(tmp_path, caplog):
+    logdir = tmp_path / "tb"
+    profiler = profiling.StepProfiler((1, 3), str(logdir))
+    active = []
+    for step in range(5):
+        with profiler.step(step, lambda: jnp.ones(2)):
+            jnp.ones(3).block_until_ready()
+        active.append(profiler.active)
+    assert active == [False, True, False, False, False]
+    assert len(glob.glob(str(logdir / "plugins" / "profile" / "*" / "*.xplane.pb"))) == 1
+    bad = profiling.StepProfiler((0, 1), "s3://bucket/tb")
+    with caplog.at_level("WARNING", logger="primus_jax.profiling"):
+        with bad.step(0, lambda: jnp.ones(2)):
+            jnp.ones(3).block_until_ready()
+    assert [r.getMessage() for r in caplog.records] == [
+        "could not write the profile to s3://bucket/tb (s3://bucket/tb: the scheme 's3:' is not supported; use a "
+        "local path or gs://bucket/path); training goes on"]
+
+
 def test_a_failing_evaluator_is_reported_once_and_switched_off(datasets, caplog):
     downstream = os.path.join(datasets, "downstream")  # 4 train windows per class
     config = tiny_config(datasets)
