@@ -22,6 +22,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.prefetch = 2  # batches decoded ahead, per worker and in the main process
     config.data.workers = -1  # decoding processes; -1: the host's usable cores minus one, 0: none
     config.data.skip_corrupt = False  # True: skip and count corrupt records instead of stopping
+    # Several datasets drawn with weights into every global batch: "egoexo4d:0.7,ego4d:0.3" (names
+    # under data.dir, or absolute / gs:// folders). In a config file a list works too:
+    #   with config.data.ignore_type(): config.data.mixture = ("egoexo4d:0.7", "ego4d:0.3")
+    # "" trains on data.dir alone. See primus_jax/data/mixture.py.
+    config.data.mixture = ""
 
     # Encoder (SPEC §1). The window length T and rate come from the dataset manifest.
     config.model = ml_collections.ConfigDict()
@@ -50,9 +55,15 @@ def get_config() -> ml_collections.ConfigDict:
     config.queue = ml_collections.ConfigDict()
     config.queue.size = 8192
 
-    # Adam, lr 2e-4, no schedule, no clipping, no weight decay (SPEC §5).
+    # Adam, lr 2e-4, no schedule, no clipping, no weight decay (SPEC §5). primus_jax/optimizer.py
+    # gives the schedules' formulas.
     config.optim = ml_collections.ConfigDict()
-    config.optim.learning_rate = 2e-4
+    config.optim.learning_rate = 2e-4  # the peak rate of a schedule
+    config.optim.schedule = "constant"  # "constant", "cosine" or "linear", each after warmup_steps
+    config.optim.warmup_steps = 0  # linear from 0 to learning_rate over these updates
+    config.optim.decay_steps = 0  # cosine / linear reach their end here; 0: the run's length
+    config.optim.end_learning_rate_factor = 0.0  # cosine / linear end at this fraction of learning_rate
+    config.optim.clip_norm = 0.0  # > 0: clip gradients to this global L2 norm; 0: no clipping
     config.optim.b1 = 0.9
     config.optim.b2 = 0.999
     config.optim.eps = 1e-8
@@ -69,6 +80,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.keep_checkpoints = 2
     config.train.max_nonfinite_in_a_row = 20
     config.train.export = True
+    # (start, stop): a jax.profiler trace of the updates from step start to step stop (metrics rows
+    # start + 1 .. stop) under <workdir>/tensorboard, for TensorBoard's profile tab; () is off.
+    config.train.profile_steps = ()
+
+    # Evaluators run during pretraining, big_vision-style: {name: dict(type=..., every=..., ...)}
+    # with type "fewshot", "zeroshot" or "retrieval"; see primus_jax/evaluators.py and configs/pod.py.
+    config.evals = ml_collections.ConfigDict()
 
     # Multi-host: "auto" initialises jax.distributed when the environment describes a cluster
     # (TPU pods, SLURM, or the coordinator fields below); "never" and "always" force it.

@@ -59,9 +59,10 @@ def run(config, workdir: str) -> dict:
     """Run the job `config.mode` names; returns its summary."""
     mode = config.get("mode", "pretrain")
     if mode == "pretrain":
-        from primus_jax import train
+        from primus_jax import evaluators, train
 
-        summary = train.train_and_evaluate(config, workdir)
+        # Built (and checked) before anything is read or compiled: an unknown evaluator fails here.
+        summary = train.train_and_evaluate(config, workdir, evaluators=evaluators.Evaluators(config))
         summary.pop("state")
         return summary
     if mode == "demo":

@@ -13,7 +13,8 @@ One step, for a global batch x of shape (G, T, 6):
     out = encoder(concat[x, x1])                    (one call over 2G windows)
     nb  = lookup(queue, ssl(x), text, video)        (nearest neighbours, SPEC §2.4)
     L   = primus_objective(out[:G], out[G:], targets, nb, tau)
-    params, opt = adam(grad L)                       (skipped if L or a gradient is not finite)
+    params, opt = adam(clip(grad L), lr(n))          (skipped if L or a gradient is not finite;
+                                                     optimizer.py: schedule, clipping)
     queue = enqueue(queue, ssl(x), text, video)
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from primus_jax import augment, data, losses, models, paths, precision, queue as nn_queue
+from primus_jax import augment, data, losses, models, optimizer, paths, precision, profiling, queue as nn_queue
 
 log = logging.getLogger(__name__)
 
@@ -108,16 +109,6 @@ def objective_config(config: ml_collections.ConfigDict, dims: DataDims) -> losse
     )
 
 
-def make_optimizer(optim_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """Adam (or AdamW when weight_decay > 0) over encoder weights and both temperatures."""
-    if optim_config.weight_decay > 0:
-        return optax.adamw(
-            optim_config.learning_rate, optim_config.b1, optim_config.b2, optim_config.eps,
-            weight_decay=optim_config.weight_decay,
-        )
-    return optax.adam(optim_config.learning_rate, optim_config.b1, optim_config.b2, optim_config.eps)
-
-
 def create_train_state(config: ml_collections.ConfigDict, dims: DataDims) -> TrainState:
     """A fresh state: initialised encoder, temperatures at config.objective.temperature_init, empty queue."""
     model = build_model(config.model)
@@ -128,7 +119,6 @@ def create_train_state(config: ml_collections.ConfigDict, dims: DataDims) -> Tra
         "encoder": model.init(init_key, dummy)["params"],
         "temperature": losses.init_temperature_params(config.objective.temperature_init),
     }
-    tx = make_optimizer(config.optim)
     mm_dim = config.model.mm_dim
     queue = nn_queue.init_queue(
         size=config.queue.size,
@@ -138,7 +128,7 @@ def create_train_state(config: ml_collections.ConfigDict, dims: DataDims) -> Tra
     )
     zero = jnp.zeros((), jnp.int32)
     return TrainState(
-        step=zero, params=params, opt_state=tx.init(params), queue=queue, rng=base_key,
+        step=zero, params=params, opt_state=optimizer.init_state(config.optim, params), queue=queue, rng=base_key,
         nonfinite_streak=zero, nonfinite_total=zero, nonfinite_peak=zero,
     )
 
@@ -153,19 +143,30 @@ def _targets(batch: dict) -> dict:
     return {k: batch[k] for k in ("text_emb", "has_text", "video_emb", "has_video")}
 
 
+def _global_norm(tree) -> jax.Array:
+    """sqrt(sum of squares of every leaf): the norm optim.clip_norm clips."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree_util.tree_leaves(tree)))
+
+
 def _all_finite(tree) -> jax.Array:
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]
     return jnp.all(jnp.stack(leaves))
 
 
-def make_steps(config: ml_collections.ConfigDict, dims: DataDims, mesh: Mesh):
+def make_steps(config: ml_collections.ConfigDict, dims: DataDims, mesh: Mesh, num_steps: int | None = None):
     """Jitted `train_step(state, batch) -> (state, metrics)` and `eval_step(state, batch) -> metrics`.
 
     Both take the *global* batch sharded along 'data'; the state is replicated and donated.
     Both are traced under `config.model.matmul_precision` (see `primus_jax.precision`).
+    `num_steps` (default config.train.num_steps) is the run's length, over which a decaying
+    learning-rate schedule decays unless optim.decay_steps sets it. The train metrics include
+    `learning_rate` (the rate of this update) and `grad_norm` (the global gradient norm, before
+    clipping).
     """
     model = build_model(config.model)
-    tx = make_optimizer(config.optim)
+    num_steps = config.train.num_steps if num_steps is None else num_steps
+    tx = optimizer.make_optimizer(config.optim, num_steps)
+    rate = optimizer.learning_rate_schedule(config.optim, num_steps)
     augment_fn = augment.make_augmentation(tuple(config.objective.augmentations))
     obj_cfg = objective_config(config, dims)
     retrieve_by = config.objective.nn_retrieve_by
@@ -210,7 +211,10 @@ def make_steps(config: ml_collections.ConfigDict, dims: DataDims, mesh: Mesh):
             nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
             nonfinite_peak=jnp.maximum(state.nonfinite_peak, streak),
         )
-        metrics = dict(metrics, skipped=(~finite).astype(jnp.float32))
+        # The optimiser counts only applied updates: n = step - skipped so far.
+        learning_rate = optimizer.learning_rate_at(rate, state.step - state.nonfinite_total)
+        metrics = dict(metrics, skipped=(~finite).astype(jnp.float32), learning_rate=learning_rate,
+                       grad_norm=_global_norm(grads))
         return new_state, metrics
 
     def eval_step(state: TrainState, batch: dict):
@@ -291,6 +295,10 @@ def validate_config(config: ml_collections.ConfigDict, dims: DataDims, num_devic
         problems.append(f"queue.size={config.queue.size} must be at least train.global_batch_size={g}")
     if config.optim.learning_rate <= 0:
         problems.append(f"optim.learning_rate must be positive, got {config.optim.learning_rate}")
+    problems += optimizer.schedule_problems(config.optim)
+    profile_problem = profiling.profile_window_problem(config.train.profile_steps)
+    if profile_problem:
+        problems.append(profile_problem)
     if config.data.get("workers", -1) < -1 or config.data.prefetch < 0:
         problems.append(f"data.workers (-1: automatic) and data.prefetch must not be negative, got "
                         f"{config.data.get('workers', -1)} and {config.data.prefetch}")
@@ -312,24 +320,64 @@ def data_workers(config: ml_collections.ConfigDict) -> int:
     return data.default_workers() if workers == -1 else workers
 
 
-def check_splits(config: ml_collections.ConfigDict, manifest: dict) -> None:
-    """ConfigError unless the train split (and the val split, if any) holds at least one global batch.
+def dataset_sources(config: ml_collections.ConfigDict) -> list[data.MixtureSource]:
+    """The datasets the run trains on: config.data.mixture's (names under data.dir), else data.dir alone."""
+    if not config.data.mixture:
+        if not config.data.dir:
+            raise ConfigError("data.dir is empty: set --config.data.dir to a dataset prepared by data_prep")
+        return [data.MixtureSource(str(config.data.dir), str(config.data.dir), 1.0)]
+    try:
+        sources = data.parse_mixture(config.data.mixture, config.data.dir)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if not sources:
+        raise ConfigError(f"data.mixture={config.data.mixture!r} names no dataset")
+    return sources
+
+
+MIXTURE_FIELDS = ("T", "rate_hz", "text_dim", "video_dim")
+
+
+def read_manifests(sources: list[data.MixtureSource]) -> tuple[list[dict], DataDims]:
+    """Each source's manifest and the DataDims they share.
+
+    ConfigError naming two datasets and the field when a mixture's datasets differ in window
+    length T, rate or an embedding width.
+    """
+    manifests = [data.read_manifest(source.dataset_dir) for source in sources]
+    first = sources[0]
+    for source, manifest in zip(sources[1:], manifests[1:]):
+        for field in MIXTURE_FIELDS:
+            if float(manifest[field]) != float(manifests[0][field]):
+                raise ConfigError(
+                    f"data.mixture: datasets {first.name!r} and {source.name!r} differ in {field} "
+                    f"({manifests[0][field]} and {manifest[field]}); a mixture's datasets must agree on "
+                    f"{', '.join(MIXTURE_FIELDS)}")
+    return manifests, DataDims.from_manifest(manifests[0])
+
+
+def check_splits(config: ml_collections.ConfigDict, sources: list[data.MixtureSource], manifests: list[dict],
+                 train_batch_sizes: list[int]) -> None:
+    """ConfigError unless each dataset's train split holds its share of a global batch and its val
+    split (if any) a whole global batch.
 
     Checked up front, so a missing or too small validation split fails before training, not at the
     first evaluation.
     """
     g = config.train.global_batch_size
-    for role in ("train", "val"):
-        split = config.data[f"{role}_split"]
-        if not split and role == "val":
-            continue
-        if split not in manifest["splits"]:
-            raise ConfigError(f"data.{role}_split={split!r} is not a split of {config.data.dir} "
-                              f"(splits: {sorted(manifest['splits'])})")
-        records = manifest["splits"][split]["records"]
-        if records < g:
-            raise ConfigError(f"data.{role}_split={split!r} of {config.data.dir} has {records} records, "
-                              f"fewer than one global batch of {g}")
+    for source, manifest, share in zip(sources, manifests, train_batch_sizes):
+        for role, needed in (("train", share), ("val", g)):
+            split = config.data[f"{role}_split"]
+            if not split and role == "val":
+                continue
+            if split not in manifest["splits"]:
+                raise ConfigError(f"data.{role}_split={split!r} is not a split of {source.dataset_dir} "
+                                  f"(splits: {sorted(manifest['splits'])})")
+            records = manifest["splits"][split]["records"]
+            if records < needed:
+                what = "one global batch" if needed == g else "its share of a global batch"
+                raise ConfigError(f"data.{role}_split={split!r} of {source.dataset_dir} has {records} records, "
+                                  f"fewer than {what} of {needed}")
 
 
 class ConfigError(ValueError):
@@ -401,28 +449,55 @@ class _StopSignal:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def evaluate_loss(eval_step, state, config, dims: DataDims, mesh: Mesh) -> dict | None:
-    """Mean validation metrics over the whole val split (deterministic), or None without a val split."""
+def evaluate_loss(eval_step, state, config, dims: DataDims, mesh: Mesh,
+                  sources: list[data.MixtureSource] | None = None) -> dict | None:
+    """Mean validation metrics over the val split of every dataset (deterministic), or None without one.
+
+    The mean is over all global batches of all the datasets' val splits.
+    """
     split = config.data.val_split
     if not split:
         return None
-    iterator = data.BatchIterator(
-        config.data.dir, split, config.train.global_batch_size, shuffle=False, num_epochs=1,
-        drop_remainder=True, prefetch=config.data.prefetch, workers=0,  # small, read now and then
-        skip_corrupt=config.data.skip_corrupt)
     totals, count = {}, 0
-    try:
-        for local in iterator:
-            metrics = jax.device_get(eval_step(state, prepare_batch(local, dims, config.model.mm_dim, mesh)))
-            for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + float(v)
-            count += 1
-    finally:
-        iterator.close()
+    for source in sources or dataset_sources(config):
+        iterator = data.BatchIterator(
+            source.dataset_dir, split, config.train.global_batch_size, shuffle=False, num_epochs=1,
+            drop_remainder=True, prefetch=config.data.prefetch, workers=0,  # small, read now and then
+            skip_corrupt=config.data.skip_corrupt)
+        try:
+            for local in iterator:
+                metrics = jax.device_get(eval_step(state, prepare_batch(local, dims, config.model.mm_dim, mesh)))
+                for k, v in metrics.items():
+                    totals[k] = totals.get(k, 0.0) + float(v)
+                count += 1
+        finally:
+            iterator.close()
     if count == 0:
         log.warning("validation split %r has fewer records than one global batch; skipping validation", split)
         return None
     return {k: v / count for k, v in totals.items()}
+
+
+def make_train_iterator(config: ml_collections.ConfigDict, sources: list[data.MixtureSource]):
+    """The training batches: a BatchIterator over data.dir, or a MixtureIterator over data.mixture."""
+    options = dict(shuffle=config.data.shuffle, prefetch=config.data.prefetch, workers=data_workers(config),
+                   skip_corrupt=config.data.skip_corrupt)
+    if not config.data.mixture:
+        return data.BatchIterator(sources[0].dataset_dir, config.data.train_split, config.train.global_batch_size,
+                                  seed=config.seed, **options)
+    return data.MixtureIterator(sources, config.data.train_split, config.train.global_batch_size,
+                                seed=config.seed, **options)
+
+
+def mixture_batch_sizes(config: ml_collections.ConfigDict, sources: list[data.MixtureSource]) -> list[int]:
+    """Records of each dataset in a global batch (data.mixture.allocate); ConfigError if one gets none."""
+    if not config.data.mixture:
+        return [config.train.global_batch_size]
+    try:
+        return data.mixture.allocate([s.weight for s in sources], config.train.global_batch_size,
+                                     jax.process_count())
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def abstract_state(state, mesh: Mesh):
@@ -431,8 +506,13 @@ def abstract_state(state, mesh: Mesh):
     return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Pretrain from config.data.dir into workdir; resumes from the latest checkpoint there.
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluators=None) -> dict:
+    """Pretrain on config.data.dir (or config.data.mixture) into workdir; resumes from the latest
+    checkpoint there.
+
+    `evaluators`: a `primus_jax.evaluators.Evaluators` built from config.evals (main.py builds it
+    before anything compiles); required when config.evals is not empty. Its metrics are written
+    under each evaluator's name. `config.train.profile_steps` traces those steps (primus_jax.profiling).
 
     Returns a summary dict: final step, last train metrics, last validation metrics, whether the run
     was preempted, the number of skipped (non-finite) updates and of skipped corrupt records.
@@ -441,36 +521,56 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     from primus_jax import checkpoint as ckpt
 
-    if not config.data.dir:
-        raise ConfigError("data.dir is empty: set --config.data.dir to a dataset prepared by data_prep")
-    paths.check_access(config.data.dir)
+    if config.get("evals") and evaluators is None:
+        raise ConfigError("config.evals names evaluators but none were passed to train_and_evaluate; build them "
+                          "with primus_jax.evaluators.Evaluators(config) (python -m primus_jax.main does)")
+    sources = dataset_sources(config)
+    for source in sources:
+        paths.check_access(source.dataset_dir)
     workdir = paths.check_access(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    manifest = data.read_manifest(config.data.dir)
-    dims = DataDims.from_manifest(manifest)
+    manifests, dims = read_manifests(sources)
     mesh = make_mesh()
     validate_config(config, dims, mesh.size)
-    check_splits(config, manifest)
+    batch_sizes = mixture_batch_sizes(config, sources)
+    check_splits(config, sources, manifests, batch_sizes)
 
-    iterator = data.BatchIterator(
-        config.data.dir, config.data.train_split, config.train.global_batch_size, seed=config.seed,
-        shuffle=config.data.shuffle, prefetch=config.data.prefetch, workers=data_workers(config),
-        skip_corrupt=config.data.skip_corrupt)
-    num_steps = config.train.num_steps or config.train.num_epochs * iterator.steps_per_epoch
-    if num_steps <= 0:
-        raise ConfigError(
-            f"train.num_steps={config.train.num_steps} and train.num_epochs={config.train.num_epochs} "
-            f"leave nothing to train")
+    iterator = make_train_iterator(config, sources)
+    try:
+        num_steps = config.train.num_steps or config.train.num_epochs * iterator.steps_per_epoch
+        if num_steps <= 0:
+            raise ConfigError(
+                f"train.num_steps={config.train.num_steps} and train.num_epochs={config.train.num_epochs} "
+                f"leave nothing to train")
+        try:
+            optimizer.learning_rate_schedule(config.optim, num_steps)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+    except ConfigError:
+        iterator.close()
+        raise
+    if config.data.mixture:
+        log.info("mixture: %s of every global batch of %d", ", ".join(
+            f"{s.name} {g} ({g / config.train.global_batch_size:.3f})" for s, g in zip(sources, batch_sizes)),
+            config.train.global_batch_size)
 
     state = replicate(create_train_state(config, dims), mesh)
     checkpointer = ckpt.Checkpointer(workdir, keep=config.train.keep_checkpoints)
     restored = checkpointer.restore_latest(abstract_state(state, mesh))
     if restored is not None:
         state, data_state = restored
-        iterator.set_state(data_state)
+        try:
+            iterator.set_state(data_state)
+        except (ValueError, KeyError) as error:
+            iterator.close()
+            checkpointer.close()
+            raise ckpt.CheckpointError(
+                f"the input position saved in {workdir} does not fit this run's data ({error}); use another "
+                f"--workdir or the original data settings") from None
         log.info("resumed from step %d in %s", int(state.step), workdir)
-    train_step, eval_step = make_steps(config, dims, mesh)
+    train_step, eval_step = make_steps(config, dims, mesh, num_steps)
     metrics_log = MetricsLog(workdir)
+    profiler = profiling.StepProfiler(config.train.profile_steps, workdir / "tensorboard")
     stop = _StopSignal()
     step = int(state.step)
     last_train, last_val, preempted = {}, None, False
@@ -479,8 +579,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     window_start, window_steps = time.perf_counter(), 0
     try:
         while step < num_steps:
-            batch = prepare_batch(next(iterator), dims, config.model.mm_dim, mesh)
-            state, metrics = train_step(state, batch)
+            with profiler.step(step, lambda: state):
+                batch = prepare_batch(next(iterator), dims, config.model.mm_dim, mesh)
+                state, metrics = train_step(state, batch)
             step += 1
             window_steps += 1
             progress.update(1)
@@ -490,6 +591,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 last_train["samples_per_s"] = window_steps * config.train.global_batch_size / max(elapsed, 1e-9)
                 last_train["skipped_updates"] = int(state.nonfinite_total)
                 last_train["skipped_records"] = iterator.stats["skipped_records"]
+                if isinstance(iterator, data.MixtureIterator):
+                    last_train.update({f"share_{name}": v for name, v in iterator.shares.items()})
+                    last_train.update({f"epochs_{name}": v for name, v in iterator.epochs_seen().items()})
                 window_start, window_steps = time.perf_counter(), 0
                 metrics_log.write(step, "train", last_train)
                 progress.set_postfix(loss=f"{last_train['loss']:.3f}", samples_s=f"{last_train['samples_per_s']:.0f}")
@@ -504,9 +608,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     state = state.replace(nonfinite_peak=replicate(np.zeros((), np.int32), mesh))
             val_now = step % config.train.eval_every == 0 or step == num_steps
             if val_now:
-                last_val = evaluate_loss(eval_step, state, config, dims, mesh)
+                last_val = evaluate_loss(eval_step, state, config, dims, mesh, sources)
                 if last_val is not None:
                     metrics_log.write(step, "val", last_val)
+            if evaluators and jax.process_index() == 0 and evaluators.due(step, num_steps):
+                encoder_params = jax.device_get(state.params["encoder"])
+                for name, metrics_of_eval in evaluators.run(step, num_steps, encoder_params, dims).items():
+                    metrics_log.write(step, name, metrics_of_eval)
             if stop.requested or val_now or step % config.train.checkpoint_every == 0:
                 checkpointer.save(step, state, iterator.get_state(),
                                   val_loss=last_val["loss"] if (val_now and last_val) else None)
@@ -519,6 +627,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 workdir / "export", state.params["encoder"], config.model.to_dict(),
                 dims.window_length, dims.rate_hz)
     finally:
+        profiler.close()
         progress.close()
         stop.restore()
         iterator.close()

@@ -195,7 +195,8 @@ def test_prepare_train_kill_resume_and_load_encoder_on_gcs(emulator, audited_env
     manifest = json.loads(emulator.download("route/data/manifest.json"))
     assert manifest["splits"]["train"]["records"] == 40 and manifest["splits"]["heldout"]["records"] == 8
 
-    overrides = tiny_overrides(dataset, data__val_split="heldout", train__num_steps=6, train__eval_every=3)
+    overrides = tiny_overrides(dataset, data__val_split="heldout", train__num_steps=6, train__eval_every=3,
+                               train__profile_steps="(4,6)")
     # An uninterrupted run into a local workdir, from the same gs:// dataset, for comparison.
     straight = run_main(str(tmp_path / "straight"), overrides, env_extra=env)
     workdir = f"gs://{BUCKET}/route/run"
@@ -208,7 +209,9 @@ def test_prepare_train_kill_resume_and_load_encoder_on_gcs(emulator, audited_env
     resumed = run_main(workdir, overrides, env_extra=env)
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-3000:]
-    assert "resumed from step" in err and int(err.split("resumed from step ")[1].split()[0]) >= first
+    assert "resumed from step" in err
+    resumed_from = int(err.split("resumed from step ")[1].split()[0])
+    assert first <= resumed_from < 4  # killed ~0.1 s after its first checkpoint, before the profile window
     _, straight_err = straight.communicate(timeout=300)
     assert straight.returncode == 0, straight_err[-3000:]
 
@@ -216,6 +219,8 @@ def test_prepare_train_kill_resume_and_load_encoder_on_gcs(emulator, audited_env
     assert {"route/run/metrics.jsonl", "route/run/export/params.msgpack", "route/run/export/encoder.json"} <= set(run_objects)
     assert any(name.startswith("route/run/tensorboard/events.out.tfevents") for name in run_objects)
     assert any(name.startswith("route/run/best/") for name in run_objects)
+    profile = [name for name in run_objects if name.startswith("route/run/tensorboard/plugins/profile/")]
+    assert any(name.endswith(".xplane.pb") for name in profile), profile  # copied from the local trace
     steps = [json.loads(line)["step"] for line in emulator.download("route/run/metrics.jsonl").decode().splitlines()]
     assert max(steps) == 6
     # The killed-and-resumed run on GCS ends bit for bit where the uninterrupted local one does.

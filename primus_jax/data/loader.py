@@ -241,6 +241,11 @@ class BatchIterator:
         self._iterator = None
 
     @property
+    def num_records(self) -> int:
+        """Records N in the split."""
+        return self._num_records
+
+    @property
     def steps_per_epoch(self) -> int:
         """Global batches per epoch: floor(N / G), or ceil(N / G) without drop_remainder."""
         n, g = self._num_records, self.global_batch_size
