@@ -406,6 +406,40 @@ def fine_tune_probe(
     return _run_trials(protocol, train_labels, fit_and_score, desc, progress)
 
 
+CHANNEL_STATISTICS = ("mean", "std", "min", "max", "p10", "p50", "p90")
+
+
+def channel_statistics(windows) -> np.ndarray:
+    """Per-channel summary statistics of IMU windows: the hand-crafted floor of the evaluation.
+
+    windows (N, T, 6) -> (N, 6 * 7) float32: for each channel c (ax, ay, az, gx, gy, gz) its
+    mean, standard deviation, minimum, maximum and 10th / 50th / 90th percentiles over time,
+    ordered statistic-major ([mean_ax .. mean_gz, std_ax, ...]). Unlike the encoder's first
+    GroupNorm, nothing is standardised per window, so gravity's direction (the accelerometer
+    means) and the signal's magnitude stay in the features.
+    """
+    x = np.asarray(windows, np.float64)
+    if x.ndim != 3 or x.shape[2] != 6 or x.shape[1] < 1:
+        raise ValueError(f"channel_statistics: windows must have shape (N, T, 6), got {x.shape}.")
+    p10, p50, p90 = np.percentile(x, (10, 50, 90), axis=1)
+    stats = (x.mean(axis=1), x.std(axis=1), x.min(axis=1), x.max(axis=1), p10, p50, p90)
+    return np.concatenate(stats, axis=1).astype(np.float32)
+
+
+def standardize(train_feats, test_feats) -> tuple[np.ndarray, np.ndarray]:
+    """(f - mu) / sigma with mu, sigma (D,) the per-dimension mean and std of ``train_feats``.
+
+    Dimensions with sigma = 0 are only centred. Used before a probe on features whose
+    dimensions have unrelated units (see :func:`channel_statistics`): :func:`few_shot_probe`
+    L2-normalises, which would otherwise be ruled by the largest-valued dimensions.
+    """
+    train_feats = np.asarray(train_feats, np.float32)
+    mu = train_feats.mean(axis=0)
+    sigma = train_feats.std(axis=0)
+    sigma = np.where(sigma > 0, sigma, 1.0)
+    return (train_feats - mu) / sigma, (np.asarray(test_feats, np.float32) - mu) / sigma
+
+
 def zero_shot(feats, labels, class_text_embs) -> float:
     """Zero-shot top-1 accuracy: argmax_c cos(feature_i, class_prototypes(class_text_embs)_c).
 
@@ -460,8 +494,9 @@ def _atomic_write(path: str, write: Callable[[str], None]) -> None:
 
 
 def _format_cell(stats: Mapping[str, Any] | None) -> str:
+    """"mean ± se" of a shot count's stats; "n/a" for a shot count that was not run."""
     if stats is None:
-        return "—"
+        return "n/a"
     if stats.get("se") is None:
         return f"{stats['mean']:.3f}"
     return f"{stats['mean']:.3f} ± {stats['se']:.3f}"
@@ -473,12 +508,16 @@ def _shot_table(methods: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[int,
 
 
 def results_markdown(results: Mapping[str, Mapping[str, Any]]) -> str:
-    """Markdown tables of ``results`` (see :func:`write_report`): rows methods, columns shots."""
+    """Markdown tables of ``results`` (see :func:`write_report`): rows methods, columns shots.
+
+    The columns are the shot counts found in the results plus an evaluation set's optional
+    "shots" list, so a shot count no method could run shows as "n/a".
+    """
     lines = ["# Evaluation results", ""]
     for set_name, eval_set in results.items():
         methods = eval_set["methods"]
         few_shot = _shot_table(methods)
-        shots = sorted({k for table in few_shot.values() for k in table})
+        shots = sorted({k for table in few_shot.values() for k in table} | set(eval_set.get("shots", ())))
         has_zero_shot = any("zero_shot" in m for m in methods.values())
         header = ["method"] + [f"{k}-shot" for k in shots] + (["zero-shot"] if has_zero_shot else [])
         lines += [f"## {set_name}", "", f"{eval_set['num_classes']} classes, chance {1 / eval_set['num_classes']:.3f}; top-1 accuracy, mean ± standard error over trials.", ""]

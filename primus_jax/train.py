@@ -515,9 +515,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 preempted = True
                 break
         if not preempted and config.train.export and jax.process_index() == 0:
+            learnt_text = objective_config(config, dims).use_mm_text
             ckpt.export_encoder(
                 workdir / "export", state.params["encoder"], config.model.to_dict(),
-                dims.window_length, dims.rate_hz)
+                dims.window_length, dims.rate_hz,
+                text_tower=manifest.get("towers", {}).get("text") if learnt_text else None)
     finally:
         progress.close()
         stop.restore()
