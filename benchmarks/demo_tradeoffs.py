@@ -7,12 +7,13 @@ run of configs/demo.py trains on its training subjects; the run stops at each st
 (resuming the same trajectory: Adam at a constant rate, so stopping changes nothing) and its
 export is kept as `hop<h>-<steps>`. Then primus_jax.suite scores every export, a random-init
 encoder and the statistics floor on the demo's two evaluation sets (the held-out watch subjects,
-cut at the default hop T/2, and BasicMotions), ssl and mmcl heads. Prints the wall time of every
-phase and writes <workdir>/suite/suite.md. Times depend on the machine's load: note `uptime`.
+cut at the first hop given, and BasicMotions), ssl and mmcl heads. Writes <workdir>/suite/suite.md
+and prints one JSON line with the wall time in seconds of every phase. Times depend on the machine's load: note `uptime`.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import time
@@ -38,8 +39,7 @@ def main() -> None:
         start = time.perf_counter()
         paths = demo.prepare_data(config, os.path.join(args.workdir, f"data-hop{hop}"), text_tower)
         timings[f"prepare hop {hop}"] = time.perf_counter() - start
-        if hop == 125 or eval_paths is None:
-            eval_paths = paths
+        eval_paths = eval_paths or paths
         run_dir = os.path.join(args.workdir, f"primus-hop{hop}")
         cfg = demo.method_config(config, "primus", paths["watch"])
         for n in steps:
@@ -57,8 +57,7 @@ def main() -> None:
     start = time.perf_counter()
     suite.run_suite(encoders, demo.suite_datasets(eval_paths, settings), os.path.join(args.workdir, "suite"), settings)
     timings["suite"] = time.perf_counter() - start
-    for name, seconds in timings.items():
-        print(f"{name}: {seconds:.1f} s")
+    print(json.dumps({name: round(seconds, 1) for name, seconds in timings.items()}))
 
 
 if __name__ == "__main__":

@@ -11,11 +11,13 @@ the signal's magnitude is gone, kept only relative to gravity's spread over the 
 
 For each dataset the script runs the suite's few-shot probe on evaluate.channel_statistics of
 (a) the raw windows and (b) the same windows after that standardisation, and prints the mean
-accuracy per shot count: the gap is what any encoder behind GroupNorm must recover (or cannot).
+accuracy per shot count (mean ± s.e.), then one JSON line {"<dataset>, <variant>": {k: mean}}: the
+gap is what any encoder behind GroupNorm must recover (or cannot).
 """
 from __future__ import annotations
 
 import argparse
+import json
 
 import numpy as np
 
@@ -35,6 +37,7 @@ def main() -> None:
     parser.add_argument("--dataset", action="append", required=True, metavar="[NAME=]DIR[@SPLIT,...]")
     args = parser.parse_args()
     settings = suite.SuiteSettings()
+    means = {}
     for spec in args.dataset:
         dataset = suite.load_dataset_spec(spec, settings)
         (train_x, train_y), (test_x, test_y) = dataset.train, dataset.test
@@ -46,6 +49,8 @@ def main() -> None:
             result = evaluate.few_shot_probe(train_f, train_y, test_f, test_y, protocol, progress=False)
             cells = ", ".join(f"{k}-shot {v['mean']:.3f} ± {v['se']:.3f}" for k, v in result.items())
             print(f"{dataset.name}, statistics of {label}: {cells}")
+            means[f"{dataset.name}, {label}"] = {k: round(v["mean"], 4) for k, v in result.items()}
+    print(json.dumps(means))
 
 
 if __name__ == "__main__":
