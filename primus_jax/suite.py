@@ -383,7 +383,8 @@ def run_suite(encoders: Sequence[Encoder], datasets: Sequence[Dataset], out_dir:
 
     The statistics floor is added when ``encoders`` lacks it. Returns the suite.json content:
     {"settings", "encoders": {name: source}, "datasets": {name: info or {"skipped": reason}},
-    "results": {dataset: {"num_classes", "classes", ..., "methods": {method: cell entry}}}, "cells": ...}.
+    "results": {dataset: {"num_classes", "classes", ..., "methods": {method: cell entry}}}, "cell_seconds"}
+    with string shot keys ("10"), whether a cell was computed or reused.
     """
     encoders = list(encoders)
     if not any(e.model is None for e in encoders):
@@ -417,6 +418,7 @@ def run_suite(encoders: Sequence[Encoder], datasets: Sequence[Dataset], out_dir:
                         "methods": run_cell(encoder, dataset, settings),
                         "seconds": round(time.perf_counter() - start, 2)}
                 _write_json(path, cell)
+                cell = json.loads(json.dumps(cell))  # string shot keys, as a reused cell has them
             cell_seconds[f"{encoder.name} on {dataset.name}"] = cell["seconds"]
             methods.update(cell["methods"])
             bar.update()

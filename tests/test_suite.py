@@ -114,3 +114,21 @@ def test_recording_disjoint_split_without_subjects(tmp_path):
 def test_mean_ranks_share_ties():
     ranks = suite.mean_ranks({"a": {"x": 0.9, "y": 0.5, "z": 0.5}, "b": {"x": 0.2, "y": 0.8, "z": None}})
     assert ranks == {"x": 1.5, "y": 1.75, "z": 2.5}
+
+
+def test_reference_checkpoint_is_scored_on_resampled_windows_without_zero_shot(tmp_path):
+    torch = pytest.importorskip("torch")  # the optional extra primus_jax[torch]
+    from tests.test_convert import random_state_dict
+
+    checkpoint = tmp_path / "best_model.ckpt"
+    state = {f"imu_encoder.{k}": torch.from_numpy(v) for k, v in random_state_dict(seed=3).items()}
+    torch.save({"state_dict": state, "hyper_parameters": {"lr": 2e-4}}, checkpoint)
+    path = write_labelled(tmp_path / "d", per_class=(2, 2, 2), rate=25.0, length=125)  # 5 s at 25 Hz
+    encoder = suite.load_encoder_spec(f"released={checkpoint}")
+    dataset = suite.load_dataset_spec(path, SETTINGS)
+    assert suite.fit_windows(encoder, dataset, dataset.test[0]).shape == (6, 250, 6)
+    settings = suite.SuiteSettings(shots=(1,), trials=1, probe_steps=5, table_shots=1)
+    result = suite.run_suite([encoder], [dataset], str(tmp_path / "out"), settings, progress=False)
+    entry = result["results"]["d"]["methods"]["released"]
+    assert 0.0 <= entry["few_shot"]["1"]["mean"] <= 1.0
+    assert entry["zero_shot_skipped"] == "the encoder learnt clip (reference) text, the dataset holds tiny embeddings"
