@@ -538,7 +538,14 @@ def results_markdown(results: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def plot_accuracy_vs_shots(results: Mapping[str, Mapping[str, Any]], path: str) -> None:
-    """Saves one subplot per evaluation set: accuracy vs shots (log x), error bars = se, chance line."""
+    """Saves one subplot per evaluation set: accuracy vs shots (log x), error bars = se, chance line.
+
+    Every method keeps one colour (tab10, or tab20 beyond ten methods) in every panel, and one
+    legend below the panels names them.
+    """
+    names = list(dict.fromkeys(name for eval_set in results.values() for name in eval_set["methods"]))
+    palette = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    colour = {name: palette(i % palette.N) for i, name in enumerate(names)}
     fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.2), squeeze=False)
     for ax, (set_name, eval_set) in zip(axes[0], results.items()):
         all_shots = set()
@@ -549,7 +556,7 @@ def plot_accuracy_vs_shots(results: Mapping[str, Mapping[str, Any]], path: str) 
             all_shots.update(shots)
             means = [table[k]["mean"] for k in shots]
             errors = [table[k]["se"] or 0.0 for k in shots]
-            ax.errorbar(shots, means, yerr=errors, marker="o", capsize=3, label=name)
+            ax.errorbar(shots, means, yerr=errors, marker="o", capsize=3, label=name, color=colour[name])
         ax.axhline(1 / eval_set["num_classes"], color="grey", linestyle="--", label="chance")
         ax.set_xscale("log")
         ax.set_xticks(sorted(all_shots), [str(k) for k in sorted(all_shots)])
@@ -559,8 +566,17 @@ def plot_accuracy_vs_shots(results: Mapping[str, Mapping[str, Any]], path: str) 
         ax.set_ylim(0, 1)
         ax.set_title(set_name)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize="small")
-    fig.tight_layout()
+    handles, labels = {}, []
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            if label not in handles:
+                handles[label] = handle
+                labels.append(label)
+    columns = min(len(labels), 4)
+    rows = -(-len(labels) // columns)
+    fig.set_figheight(4.2 + 0.25 * rows)
+    fig.legend([handles[label] for label in labels], labels, loc="lower center", ncol=columns, fontsize="small")
+    fig.tight_layout(rect=(0, 0.25 * rows / fig.get_figheight() + 0.02, 1, 1))
     fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
 
