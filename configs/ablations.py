@@ -9,6 +9,8 @@ Names:
   no_ss     PRIMUS without L_SS
   no_mm     PRIMUS without L_MM (NN terms kept)
   no_nn     PRIMUS without L_NN
+  multitask_ssl  MultitaskSSL (Saeed et al. 2019): recognise which of eight transformations was
+                 applied, one binary head each (primus_jax/multitask.py); no text, video or NN
 """
 import ml_collections
 
@@ -21,6 +23,8 @@ ABLATIONS = {
     "no_ss": {"use_ss": False},
     "no_mm": {"use_mm_text": False, "use_mm_video": False},
     "no_nn": {"use_nn": False},
+    "multitask_ssl": {"method": "multitask_ssl", "use_ss": False, "use_mm_text": False, "use_mm_video": False,
+                      "use_nn": False},
 }
 
 

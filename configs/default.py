@@ -43,6 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Objective (SPEC §2): alpha = ssl_coeff; each term can be switched off.
     config.objective = ml_collections.ConfigDict()
+    config.objective.method = "primus"  # or "multitask_ssl" (configs/ablations.py:multitask_ssl)
     config.objective.alpha = 0.5
     config.objective.use_ss = True
     config.objective.use_mm_text = True

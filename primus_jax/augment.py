@@ -5,9 +5,10 @@ Every transform is a pure, jittable function ``fn(key, x) -> x`` on a channels-l
 from ``key``; there are no Python loops over samples and no host round trips, so the transforms
 run on device inside the training step.
 
-The six transforms follow the PRIMUS reference implementation, with two deliberate fixes
+The first six transforms follow the PRIMUS reference implementation, with two deliberate fixes
 (segment permutation at any batch size, rotations that really are rotations); each docstring
-says where we differ. ``make_augmentation`` composes transforms by name, in list order.
+says where we differ. time_warp and channel_shuffle complete the eight transformations of the
+MultitaskSSL baseline (Saeed et al. 2019; ``primus_jax.multitask``). ``make_augmentation`` composes transforms by name, in list order.
 """
 from typing import Callable, Sequence
 
@@ -142,6 +143,47 @@ def rotation(key: jax.Array, x: jax.Array) -> jax.Array:
     return jnp.einsum("bij,btsj->btsi", matrices, triplets).reshape(x.shape)
 
 
+TIME_WARP_KNOTS = 4
+TIME_WARP_STD = 0.2
+# The five permutations of (x, y, z) other than the identity.
+AXIS_SHUFFLES = ((0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
+
+
+def time_warp_positions(key: jax.Array, batch: int, length: int) -> jax.Array:
+    """Warped read positions (B, T) float32, increasing from 0 to T-1 (a smooth random time map).
+
+    Per sample, speeds v_k ~ N(1, 0.2^2) (clipped to >= 0.1) at 4 knots spread over the window
+    are linearly interpolated to T steps; the positions are the cumulative speed, rescaled so the
+    window still spans [0, T-1]: stretches where v > 1 play faster, v < 1 slower.
+    """
+    speeds = jnp.maximum(1.0 + TIME_WARP_STD * jax.random.normal(key, (batch, TIME_WARP_KNOTS)), 0.1)
+    knots = jnp.linspace(0.0, length - 1.0, TIME_WARP_KNOTS)
+    steps = jax.vmap(lambda v: jnp.interp(jnp.arange(length, dtype=jnp.float32), knots, v))(speeds)
+    cumulative = jnp.cumsum(steps, axis=1) - steps[:, :1]
+    return cumulative / cumulative[:, -1:] * (length - 1.0)
+
+
+def time_warp(key: jax.Array, x: jax.Array) -> jax.Array:
+    """Time warping: y[b, t] = x[b, p[b, t]] with p from time_warp_positions, read by linear interpolation."""
+    _require_imu_batch(x, "time_warp", min_length=2)
+    positions = time_warp_positions(key, x.shape[0], x.shape[1])
+    lower = jnp.clip(jnp.floor(positions).astype(jnp.int32), 0, x.shape[1] - 2)
+    frac = (positions - lower).astype(x.dtype)[:, :, None]
+    before = jnp.take_along_axis(x, lower[:, :, None], axis=1)
+    after = jnp.take_along_axis(x, lower[:, :, None] + 1, axis=1)
+    return before + frac * (after - before)
+
+
+def channel_shuffle(key: jax.Array, x: jax.Array) -> jax.Array:
+    """Axis shuffle: a random non-identity permutation of (x, y, z) per sample, the same for the
+    accelerometer and the gyroscope (a relabelling of the device axes; the sensors stay apart)."""
+    _require_imu_batch(x, "channel_shuffle")
+    choice = jax.random.randint(key, (x.shape[0],), 0, len(AXIS_SHUFFLES))
+    axes = jnp.asarray(AXIS_SHUFFLES, jnp.int32)[choice]  # (B, 3)
+    channels = jnp.concatenate([axes, axes + 3], axis=1)  # (B, 6)
+    return jnp.take_along_axis(x, channels[:, None, :], axis=2)
+
+
 TRANSFORMS: dict[str, Transform] = {
     "noise": noise,
     "scaling": scaling,
@@ -149,6 +191,8 @@ TRANSFORMS: dict[str, Transform] = {
     "time_flip": time_flip,
     "permute": permute,
     "rotation": rotation,
+    "time_warp": time_warp,
+    "channel_shuffle": channel_shuffle,
 }
 
 # What the reference actually runs: its module default [1, 4] (its --transform_list is ignored).

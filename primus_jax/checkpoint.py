@@ -131,8 +131,13 @@ class Checkpointer:
         self._best.close()
 
 
-def export_encoder(export_dir, encoder_params, model_config: dict, window_length: int, rate_hz: float) -> None:
+def export_encoder(export_dir, encoder_params, model_config: dict, window_length: int, rate_hz: float,
+                   text_tower: dict | None = None) -> None:
     """Write params.msgpack, then encoder.json, to export_dir (local or gs://), each atomically.
+
+    text_tower: the manifest's description ({"name", "dim", "source"}) of the text tower whose
+    space the mmcl head was trained into, or None when the encoder learnt no text; evaluation
+    runs zero-shot only against class prompts embedded by the same tower.
 
     encoder.json names the SHA-256 of the params it belongs to, and is written last: a reader
     that meets an export half replaced (new params, old encoder.json) gets an error from
@@ -144,7 +149,7 @@ def export_encoder(export_dir, encoder_params, model_config: dict, window_length
     params_bytes = flax.serialization.msgpack_serialize(host_params)
     meta = {"format": EXPORT_FORMAT, "model": dict(model_config), "window_length": int(window_length),
             "rate_hz": float(rate_hz), "channels": ["ax", "ay", "az", "gx", "gy", "gz"],
-            "units": "m/s^2 and rad/s", "feature": "mmcl",
+            "units": "m/s^2 and rad/s", "feature": "mmcl", "text_tower": text_tower,
             "params_sha256": hashlib.sha256(params_bytes).hexdigest()}
     paths.atomic_write(export_dir / PARAMS_FILE, params_bytes)
     paths.atomic_write(export_dir / ENCODER_CONFIG_FILE, json.dumps(meta, indent=2))

@@ -12,40 +12,43 @@ import os
 import shutil
 import time
 
-import jax
 import ml_collections
-import numpy as np
 
 from configs import ablations
-from primus_jax import data, evaluate, train
+from primus_jax import data, suite, train
 
 log = logging.getLogger(__name__)
 
-INDOMAIN = "in-domain (held-out watch subjects)"
-OUT_OF_DOMAIN = "out-of-domain (BasicMotions)"
-RANDOM_INIT = "random init (frozen)"
-STANDARD_TRAINING = "standard training (random init, end to end)"
-FEATURE_HEADS = ("ssl", "mmcl", "emb")
-METHOD_LABELS = {"primus": "PRIMUS", "simclr": "SimCLR-only", "imu2clip": "MM-only (IMU2CLIP-like)"}
+INDOMAIN = "watch (held-out subjects)"
+OUT_OF_DOMAIN = "BasicMotions"
+RANDOM_INIT = "random init"
+METHOD_LABELS = {"primus": "PRIMUS", "simclr": "SimCLR-only", "imu2clip": "MM-only", "multitask_ssl": "MultitaskSSL"}
 
 
 def prepare_data(config: ml_collections.ConfigDict, data_root: str, text_tower) -> dict[str, str]:
-    """Write (or reuse) the watch and BasicMotions datasets at the pretraining rate and length."""
+    """Write (or reuse) the watch and BasicMotions datasets at the pretraining rate and length.
+
+    The watch windows start every demo.watch_hop samples (pretraining data; 0: T/2), BasicMotions'
+    every T/2. A prepared dataset is reused when its manifest has the same T, rate and hop.
+    """
     from data_prep import har
 
-    dims = {"T": 250, "rate_hz": 50.0}
+    T, rate_hz = 250, 50.0
     sources = {
-        "watch": lambda: har.watch_source(config.demo.heldout_subjects.split(",")),
-        "basicmotions": har.basicmotions_source,
+        "watch": (lambda: har.watch_source(config.demo.heldout_subjects.split(",")), config.demo.watch_hop or T // 2),
+        "basicmotions": (har.basicmotions_source, T // 2),
     }
     paths = {}
-    for name, make_source in sources.items():
+    for name, (make_source, hop) in sources.items():
         out = os.path.join(data_root, name)
         paths[name] = out
         if os.path.exists(os.path.join(out, data.MANIFEST_NAME)):
-            log.info("reusing the prepared dataset %s", out)
-            continue
-        report = har.write_har_dataset(make_source(), out, text_tower=text_tower, **dims)
+            manifest = data.read_manifest(out)
+            if (manifest.get("T"), manifest.get("rate_hz"), manifest.get("hop")) == (T, rate_hz, hop):
+                log.info("reusing the prepared dataset %s", out)
+                continue
+        report = har.write_har_dataset(make_source(), out, T=T, rate_hz=rate_hz, hop=hop, text_tower=text_tower,
+                                       overwrite=True)
         print(report.summary())
     return paths
 
@@ -59,118 +62,58 @@ def method_config(config: ml_collections.ConfigDict, method: str, data_dir: str)
     return cfg
 
 
-def pretrain(config: ml_collections.ConfigDict, workdir: str, data_dir: str) -> dict[str, dict]:
-    """Pretrain every method of config.demo.methods; returns {method: encoder params}."""
-    encoders = {}
-    for method in config.demo.methods:
-        print(f"pretraining {METHOD_LABELS.get(method, method)} ({config.train.num_steps} steps)", flush=True)
-        summary = train.train_and_evaluate(method_config(config, method, data_dir), os.path.join(workdir, "pretrain", method))
-        encoders[method] = jax.device_get(summary["state"].params["encoder"])
-    return encoders
+def pretrain(config: ml_collections.ConfigDict, workdir: str, data_dir: str) -> None:
+    """Pretrain and export every method of config.demo.methods into <workdir>/pretrain/<method>.
 
-
-def _prompt_embeddings(manifest: dict, text_tower) -> np.ndarray:
-    """(C, P, D) embeddings of the manifest's class prompts."""
-    prompts = [manifest["prompts"][name] for name in manifest["class_names"]]
-    flat = text_tower.embed([p for group in prompts for p in group], progress=False)
-    return flat.reshape(len(prompts), len(prompts[0]), -1)
-
-
-def evaluation_sets(config: ml_collections.ConfigDict, paths: dict[str, str], text_tower) -> dict[str, dict]:
-    """{set name: {"train": (windows, labels), "test": (windows, labels), "prompts": (C, P, D), "classes"}}."""
-    heldout = data.load_split(paths["watch"], "heldout")
-    test_subjects = set(config.demo.indomain_test_subjects.split(","))
-    is_test = np.array([s in test_subjects for s in heldout["subject"]])
-    motions_train = data.load_split(paths["basicmotions"], "train")
-    motions_test = data.load_split(paths["basicmotions"], "test")
-    sets = {
-        INDOMAIN: (paths["watch"], (heldout["imu"][~is_test], heldout["label"][~is_test]),
-                   (heldout["imu"][is_test], heldout["label"][is_test])),
-        OUT_OF_DOMAIN: (paths["basicmotions"], (motions_train["imu"], motions_train["label"]),
-                        (motions_test["imu"], motions_test["label"])),
-    }
-    out = {}
-    for name, (path, train_split, test_split) in sets.items():
-        manifest = data.read_manifest(path)
-        out[name] = {"train": train_split, "test": test_split, "classes": manifest["class_names"],
-                     "prompts": _prompt_embeddings(manifest, text_tower)}
-    return out
-
-
-def evaluate_encoders(config: ml_collections.ConfigDict, encoders: dict[str, dict], sets: dict[str, dict]) -> dict:
-    """Few-shot probes for every encoder, set and feature head; zero-shot / retrieval where text was learnt.
-
-    Each evaluation set is reported once per head of config.demo.features ("ssl", "mmcl", "emb");
-    zero-shot and retrieval need the text space, so they go with "mmcl". Standard training does not
-    depend on a frozen feature: it is trained once per set and listed under every head.
+    PRIMUS trains for train.num_steps steps, the other methods for demo.baseline_steps (0: the same).
     """
-    model = train.build_model(config.model)
-    window_length = next(iter(sets.values()))["train"][0].shape[1]
-    random_params = model.init(jax.random.PRNGKey(config.seed + 1), np.zeros((1, window_length, 6), np.float32))["params"]
-    frozen = {RANDOM_INIT: random_params}
-    frozen.update({METHOD_LABELS.get(m, m): p for m, p in encoders.items()})
-    learnt_text = {METHOD_LABELS.get(m, m) for m in encoders if ablations.ABLATIONS[m].get("use_mm_text", True)}
-    probe_config = evaluate.LinearProbeConfig(steps=config.demo.probe_steps)
-    results = {}
-    for set_name, eval_set in sets.items():
-        (train_x, train_y), (test_x, test_y) = eval_set["train"], eval_set["test"]
-        protocol = evaluate.FewShotProtocol(
-            shots=tuple(config.demo.shots), num_classes=len(eval_set["classes"]),
-            trials=config.demo.trials, seed=config.demo.seed)
-        standard = None
-        if config.demo.standard_training:
-            finetune = evaluate.FineTuneConfig(
-                steps=config.demo.finetune_steps, learning_rate=config.demo.finetune_learning_rate,
-                batch_size=config.demo.finetune_batch_size, normalize_features=False)
-            standard = {"few_shot": evaluate.fine_tune_probe(
-                model, random_params, train_x, train_y, test_x, test_y, protocol, config=finetune,
-                desc=f"{set_name}: standard training", matmul_precision=config.model.matmul_precision)}
-        for head in config.demo.features:
-            methods = {}
-            for label, params in frozen.items():
-                train_feats = evaluate.encode(model, params, train_x, head_name=head,
-                                              matmul_precision=config.model.matmul_precision)
-                test_feats = evaluate.encode(model, params, test_x, head_name=head,
-                                             matmul_precision=config.model.matmul_precision)
-                entry = {"few_shot": evaluate.few_shot_probe(
-                    train_feats, train_y, test_feats, test_y, protocol, config=probe_config,
-                    desc=f"{set_name}, {head}: {label}")}
-                if head == "mmcl" and label in learnt_text:
-                    prompts = eval_set["prompts"]
-                    entry["zero_shot"] = evaluate.zero_shot(test_feats, test_y, prompts)
-                    entry["retrieval"] = evaluate.retrieval_recall(
-                        test_feats, prompts.reshape(-1, prompts.shape[-1]), ks=(1, 5),
-                        imu_labels=test_y, text_labels=np.repeat(np.arange(prompts.shape[0]), prompts.shape[1]))
-                methods[label] = entry
-            if standard is not None:
-                methods[STANDARD_TRAINING] = standard
-            results[f"{set_name}, {head} features"] = {
-                "num_classes": len(eval_set["classes"]), "classes": eval_set["classes"],
-                "train_windows": int(len(train_y)), "test_windows": int(len(test_y)), "methods": methods}
-    return results
+    for method in config.demo.methods:
+        cfg = method_config(config, method, data_dir)
+        if method != "primus" and config.demo.baseline_steps:
+            cfg.train.num_steps = config.demo.baseline_steps
+        print(f"pretraining {METHOD_LABELS.get(method, method)} ({cfg.train.num_steps} steps)", flush=True)
+        train.train_and_evaluate(cfg, os.path.join(workdir, "pretrain", method))
+
+
+def suite_encoders(workdir: str, methods, seed: int) -> list:
+    """The pretrained exports under <workdir>/pretrain, then a random-init encoder of the same shape
+    (initialised from ``seed``)."""
+    encoders = [suite.load_encoder_spec(f"{METHOD_LABELS.get(m, m)}={os.path.join(workdir, 'pretrain', m, 'export')}")
+                for m in methods]
+    like = encoders[0] if encoders else None
+    return encoders + [suite.load_encoder_spec(f"{RANDOM_INIT}={suite.RANDOM}", like, seed)]
+
+
+def suite_datasets(paths: dict[str, str], settings: suite.SuiteSettings) -> list:
+    """The watch windows of the held-out subjects (the last third, subject 10, tested) and BasicMotions."""
+    return [suite.load_dataset_spec(f"{INDOMAIN}={paths['watch']}@heldout", settings),
+            suite.load_dataset_spec(f"{OUT_OF_DOMAIN}={paths['basicmotions']}", settings)]
 
 
 def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """The whole demo; writes the report files and <workdir>/export, returns the results dict."""
+    """The whole demo; writes suite.json, suite.md, suite.png and <workdir>/export, returns suite.json's content."""
     from primus_jax import towers
 
     unknown = [m for m in config.demo.methods if m not in ablations.ABLATIONS]
     if unknown:
         raise train.ConfigError(f"demo.methods has unknown methods {unknown}; choose from {sorted(ablations.ABLATIONS)}")
-    heads = [h for h in config.demo.features if h not in FEATURE_HEADS]
-    if heads or not config.demo.features:
-        raise train.ConfigError(f"demo.features must name heads among {FEATURE_HEADS}, got {tuple(config.demo.features)}")
+    try:
+        settings = suite.SuiteSettings(shots=tuple(config.demo.shots), trials=config.demo.trials, seed=config.demo.seed,
+                                       probe_steps=config.demo.probe_steps, heads=tuple(config.demo.features),
+                                       table_shots=config.demo.table_shots)
+    except suite.SuiteError as error:
+        raise train.ConfigError(f"demo settings: {error}") from None
     start = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
     text_tower = towers.load_text_tower(config.demo.text_tower)
     paths = prepare_data(config, config.demo.data_root or os.path.join(workdir, "data"), text_tower)
-    encoders = pretrain(config, workdir, paths["watch"])
-    if "primus" in encoders:
+    pretrain(config, workdir, paths["watch"])
+    if "primus" in config.demo.methods:
         export = os.path.join(workdir, "export")
         shutil.rmtree(export, ignore_errors=True)
         shutil.copytree(os.path.join(workdir, "pretrain", "primus", "export"), export)
-    results = evaluate_encoders(config, encoders, evaluation_sets(config, paths, text_tower))
-    files = evaluate.write_report(results, workdir)
-    print(open(files["markdown"]).read())
-    print(f"demo finished in {time.perf_counter() - start:.0f} s; report: {files['markdown']}, {files['plot']}")
-    return results
+    encoders = suite_encoders(workdir, config.demo.methods, config.seed + 1)
+    result = suite.run_suite(encoders, suite_datasets(paths, settings), workdir, settings)
+    print(open(os.path.join(workdir, "suite.md"), encoding="utf-8").read())
+    print(f"demo finished in {time.perf_counter() - start:.0f} s; report: {workdir}/suite.md, suite.png, suite.json")
+    return result

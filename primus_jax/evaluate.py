@@ -406,6 +406,40 @@ def fine_tune_probe(
     return _run_trials(protocol, train_labels, fit_and_score, desc, progress)
 
 
+CHANNEL_STATISTICS = ("mean", "std", "min", "max", "p10", "p50", "p90")
+
+
+def channel_statistics(windows) -> np.ndarray:
+    """Per-channel summary statistics of IMU windows: the hand-crafted floor of the evaluation.
+
+    windows (N, T, 6) -> (N, 6 * 7) float32: for each channel c (ax, ay, az, gx, gy, gz) its
+    mean, standard deviation, minimum, maximum and 10th / 50th / 90th percentiles over time,
+    ordered statistic-major ([mean_ax .. mean_gz, std_ax, ...]). Unlike the encoder's first
+    GroupNorm, nothing is standardised per window, so gravity's direction (the accelerometer
+    means) and the signal's magnitude stay in the features.
+    """
+    x = np.asarray(windows, np.float64)
+    if x.ndim != 3 or x.shape[2] != 6 or x.shape[1] < 1:
+        raise ValueError(f"channel_statistics: windows must have shape (N, T, 6), got {x.shape}.")
+    p10, p50, p90 = np.percentile(x, (10, 50, 90), axis=1)
+    stats = (x.mean(axis=1), x.std(axis=1), x.min(axis=1), x.max(axis=1), p10, p50, p90)
+    return np.concatenate(stats, axis=1).astype(np.float32)
+
+
+def standardize(train_feats, test_feats) -> tuple[np.ndarray, np.ndarray]:
+    """(f - mu) / sigma with mu, sigma (D,) the per-dimension mean and std of ``train_feats``.
+
+    Dimensions with sigma = 0 are only centred. Used before a probe on features whose
+    dimensions have unrelated units (see :func:`channel_statistics`): :func:`few_shot_probe`
+    L2-normalises, which would otherwise be ruled by the largest-valued dimensions.
+    """
+    train_feats = np.asarray(train_feats, np.float32)
+    mu = train_feats.mean(axis=0)
+    sigma = train_feats.std(axis=0)
+    sigma = np.where(sigma > 0, sigma, 1.0)
+    return (train_feats - mu) / sigma, (np.asarray(test_feats, np.float32) - mu) / sigma
+
+
 def zero_shot(feats, labels, class_text_embs) -> float:
     """Zero-shot top-1 accuracy: argmax_c cos(feature_i, class_prototypes(class_text_embs)_c).
 
@@ -460,8 +494,9 @@ def _atomic_write(path: str, write: Callable[[str], None]) -> None:
 
 
 def _format_cell(stats: Mapping[str, Any] | None) -> str:
+    """"mean ± se" of a shot count's stats; "n/a" for a shot count that was not run."""
     if stats is None:
-        return "—"
+        return "n/a"
     if stats.get("se") is None:
         return f"{stats['mean']:.3f}"
     return f"{stats['mean']:.3f} ± {stats['se']:.3f}"
@@ -473,12 +508,16 @@ def _shot_table(methods: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[int,
 
 
 def results_markdown(results: Mapping[str, Mapping[str, Any]]) -> str:
-    """Markdown tables of ``results`` (see :func:`write_report`): rows methods, columns shots."""
+    """Markdown tables of ``results`` (see :func:`write_report`): rows methods, columns shots.
+
+    The columns are the shot counts found in the results plus an evaluation set's optional
+    "shots" list, so a shot count no method could run shows as "n/a".
+    """
     lines = ["# Evaluation results", ""]
     for set_name, eval_set in results.items():
         methods = eval_set["methods"]
         few_shot = _shot_table(methods)
-        shots = sorted({k for table in few_shot.values() for k in table})
+        shots = sorted({k for table in few_shot.values() for k in table} | set(eval_set.get("shots", ())))
         has_zero_shot = any("zero_shot" in m for m in methods.values())
         header = ["method"] + [f"{k}-shot" for k in shots] + (["zero-shot"] if has_zero_shot else [])
         lines += [f"## {set_name}", "", f"{eval_set['num_classes']} classes, chance {1 / eval_set['num_classes']:.3f}; top-1 accuracy, mean ± standard error over trials.", ""]
@@ -499,7 +538,14 @@ def results_markdown(results: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def plot_accuracy_vs_shots(results: Mapping[str, Mapping[str, Any]], path: str) -> None:
-    """Saves one subplot per evaluation set: accuracy vs shots (log x), error bars = se, chance line."""
+    """Saves one subplot per evaluation set: accuracy vs shots (log x), error bars = se, chance line.
+
+    Every method keeps one colour (tab10, or tab20 beyond ten methods) in every panel, and one
+    legend below the panels names them.
+    """
+    names = list(dict.fromkeys(name for eval_set in results.values() for name in eval_set["methods"]))
+    palette = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    colour = {name: palette(i % palette.N) for i, name in enumerate(names)}
     fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.2), squeeze=False)
     for ax, (set_name, eval_set) in zip(axes[0], results.items()):
         all_shots = set()
@@ -510,7 +556,7 @@ def plot_accuracy_vs_shots(results: Mapping[str, Mapping[str, Any]], path: str) 
             all_shots.update(shots)
             means = [table[k]["mean"] for k in shots]
             errors = [table[k]["se"] or 0.0 for k in shots]
-            ax.errorbar(shots, means, yerr=errors, marker="o", capsize=3, label=name)
+            ax.errorbar(shots, means, yerr=errors, marker="o", capsize=3, label=name, color=colour[name])
         ax.axhline(1 / eval_set["num_classes"], color="grey", linestyle="--", label="chance")
         ax.set_xscale("log")
         ax.set_xticks(sorted(all_shots), [str(k) for k in sorted(all_shots)])
@@ -520,8 +566,17 @@ def plot_accuracy_vs_shots(results: Mapping[str, Mapping[str, Any]], path: str) 
         ax.set_ylim(0, 1)
         ax.set_title(set_name)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize="small")
-    fig.tight_layout()
+    handles, labels = {}, []
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            if label not in handles:
+                handles[label] = handle
+                labels.append(label)
+    columns = min(len(labels), 4)
+    rows = -(-len(labels) // columns)
+    fig.set_figheight(4.2 + 0.25 * rows)
+    fig.legend([handles[label] for label in labels], labels, loc="lower center", ncol=columns, fontsize="small")
+    fig.tight_layout(rect=(0, 0.25 * rows / fig.get_figheight() + 0.02, 1, 1))
     fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
 

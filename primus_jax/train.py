@@ -34,12 +34,16 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from primus_jax import augment, data, losses, models, optimizer, paths, precision, profiling, queue as nn_queue
+from primus_jax import (augment, data, losses, models, multitask, optimizer, paths, precision, profiling,
+                        queue as nn_queue)
 
 log = logging.getLogger(__name__)
 
 EVAL_KEY_INDEX = 0xFFFFFFFF  # fold_in index of the validation key; training steps never reach it
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# "primus": the PRIMUS objective (losses.py) with its switches; "multitask_ssl": the MultitaskSSL
+# baseline (multitask.py), transformation recognition, which ignores the PRIMUS switches.
+OBJECTIVE_METHODS = ("primus", "multitask_ssl")
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -119,6 +123,8 @@ def create_train_state(config: ml_collections.ConfigDict, dims: DataDims) -> Tra
         "encoder": model.init(init_key, dummy)["params"],
         "temperature": losses.init_temperature_params(config.objective.temperature_init),
     }
+    if config.objective.method == "multitask_ssl":
+        params["tasks"] = multitask.init_task_heads(jax.random.fold_in(init_key, 1), config.model.ssl_dim)
     mm_dim = config.model.mm_dim
     queue = nn_queue.init_queue(
         size=config.queue.size,
@@ -172,6 +178,10 @@ def make_steps(config: ml_collections.ConfigDict, dims: DataDims, mesh: Mesh, nu
     retrieve_by = config.objective.nn_retrieve_by
 
     def forward_and_loss(params, state_queue, batch, aug_key):
+        if config.objective.method == "multitask_ssl":
+            ssl_fn = lambda x: model.apply({"params": params["encoder"]}, x)["ssl"]
+            loss, metrics = multitask.multitask_loss(ssl_fn, params["tasks"], aug_key, batch["imu"])
+            return loss, (metrics, None)
         x0 = batch["imu"]
         x1 = augment_fn(aug_key, x0)
         out = model.apply({"params": params["encoder"]}, jnp.concatenate([x0, x1], axis=0))
@@ -286,6 +296,10 @@ def validate_config(config: ml_collections.ConfigDict, dims: DataDims, num_devic
                         f"got {config.model.matmul_precision!r}")
     if config.model.gru_over not in ("channels", "time"):
         problems.append(f"model.gru_over must be 'channels' or 'time', got {config.model.gru_over!r}")
+    if config.objective.method not in OBJECTIVE_METHODS:
+        problems.append(f"objective.method must be one of {OBJECTIVE_METHODS}, got {config.objective.method!r}")
+    elif config.objective.method == "multitask_ssl" and config.objective.use_nn:
+        problems.append("objective.method='multitask_ssl' has no nearest-neighbour terms: set objective.use_nn=False")
     if config.objective.nn_retrieve_by not in ("auto", "imu"):
         problems.append(f"objective.nn_retrieve_by must be 'auto' or 'imu', got {config.objective.nn_retrieve_by!r}")
     unknown = [n for n in config.objective.augmentations if n not in augment.TRANSFORMS]
@@ -623,9 +637,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluato
                 preempted = True
                 break
         if not preempted and config.train.export and jax.process_index() == 0:
+            learnt_text = objective_config(config, dims).use_mm_text and config.objective.method == "primus"
             ckpt.export_encoder(
                 workdir / "export", state.params["encoder"], config.model.to_dict(),
-                dims.window_length, dims.rate_hz)
+                dims.window_length, dims.rate_hz,
+                text_tower=manifests[0].get("towers", {}).get("text") if learnt_text else None)
     finally:
         profiler.close()
         progress.close()

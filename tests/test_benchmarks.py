@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from benchmarks import data_prep, input_pipeline, main_loop, peak_memory, train_step
@@ -146,3 +147,19 @@ def test_accelerator_benchmark_runs_small_on_cpu_and_prints_one_table(tmp_path):
     assert any(line.startswith("| step B=8: samples/s |") for line in table)
     assert any(line.startswith("| GRU fwd+bwd, 4 windows: ms |") for line in table)
     assert any(line.startswith("| matmul peak 128^2: TFLOP/s |") for line in table)
+
+
+def test_input_normalisation_benchmark_probes_statistics_before_and_after_groupnorm(capsys, tmp_path, monkeypatch):
+    from benchmarks import input_normalisation
+    from tests.test_suite import write_labelled
+
+    x = np.random.default_rng(0).normal(3.0, 2.0, (4, 50, 6)).astype(np.float32)
+    standardized = input_normalisation.group_standardize(x).reshape(4, 50, 2, 3)
+    np.testing.assert_allclose(standardized.mean(axis=(1, 3)), 0.0, atol=1e-5)
+    np.testing.assert_allclose(standardized.std(axis=(1, 3)), 1.0, rtol=1e-4)
+    path = write_labelled(tmp_path / "d", per_class=(3, 3, 3))
+    monkeypatch.setattr(sys, "argv", ["input_normalisation", "--dataset", f"d={path}"])
+    input_normalisation.main()
+    means = final_json(capsys)
+    assert set(means) == {"d, raw windows", "d, after input GroupNorm"}
+    assert all(set(m) == {"1", "2", "5"} and all(0 <= a <= 1 for a in m.values()) for m in means.values())

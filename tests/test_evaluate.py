@@ -192,7 +192,7 @@ def test_write_report_writes_table_json_and_png(tmp_path, separable_probe):
     assert loaded["in-domain (held-out subjects)"]["methods"]["SimCLR"]["few_shot"]["1"]["mean"] == 0.8123
     markdown = open(paths["markdown"]).read()
     assert "## out-of-domain (BasicMotions)" in markdown
-    assert "| SimCLR | 0.812 ± 0.013 | — | — |" in markdown
+    assert "| SimCLR | 0.812 ± 0.013 | n/a | — |" in markdown  # shot count not run: n/a
     primus = separable_probe[5]
     assert f"| PRIMUS | {separable_probe[1]['mean']:.3f} ± {separable_probe[1]['se']:.3f} | {primus['mean']:.3f} ± {primus['se']:.3f} | 0.410 |" in markdown
     assert "| PRIMUS | 0.250 | 0.500 |" in markdown

@@ -267,3 +267,38 @@ def test_cli_reports_bad_arguments(tmp_path, capsys):
     assert "['11'] not among the subjects" in capsys.readouterr().err
     assert har.main(["--dataset", "watch", "--out", str(tmp_path / "w"), "--text-tower", "bogus"]) == 1
     assert "Unknown text tower spec 'bogus'" in capsys.readouterr().err
+
+
+def _readme_har_source_example() -> str:
+    """The Python block under README's "example: har source" marker."""
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md"), encoding="utf-8").read()
+    block = readme.split("<!-- example: har source -->", 1)[1].split("```python", 1)[1]
+    return block.split("```", 1)[0]
+
+
+def test_readme_source_example_prepares_a_dataset(tmp_path):
+    namespace = {}
+    exec(compile(_readme_har_source_example(), "README.md example", "exec"), namespace)
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    t = np.arange(600) / 100.0  # 6 s at 100 Hz
+    for subject in ("s1", "s2", "s3"):
+        for c, label in enumerate(("sit", "walk", "stairs")):
+            acc_g = np.stack([0.1 * np.sin(2 * np.pi * (c + 1) * t), np.zeros_like(t), np.ones_like(t)], axis=1)
+            gyro_deg = np.stack([np.full_like(t, 90.0), np.zeros_like(t), np.zeros_like(t)], axis=1)
+            rows = np.concatenate([1000 * t[:, None], acc_g, gyro_deg], axis=1)
+            np.savetxt(folder / f"{subject}_{label}_0.csv", rows, delimiter=",",
+                       header="time_ms,acc_x,acc_y,acc_z,gyro_x,gyro_y,gyro_z", comments="")
+    np.savetxt(folder / "s1_jump_0.csv", rows, delimiter=",", header="time_ms,a,b,c,d,e,f", comments="")
+    out = str(tmp_path / "my_har")
+    report = har.write_har_dataset(namespace["my_har_source"](str(folder)), out, T=250, rate_hz=50.0)
+    assert report.as_dict()["dropped"] == {"unknown label": 1}
+    manifest = read_manifest(out)
+    assert manifest["class_names"] == ["sit", "walk", "stairs"] and manifest["rate_hz"] == 50.0
+    heldout = load_split(out, "heldout")
+    assert set(heldout["subject"]) == {"s3"} and sorted(heldout["label"]) == [0, 1, 2]
+    imu = heldout["imu"]  # 6 s at 50 Hz = 300 samples: one window of 250 per recording
+    assert imu.shape == (3, 250, 6)
+    np.testing.assert_allclose(imu[:, :, 2], common.STANDARD_GRAVITY, rtol=1e-4)  # g -> m/s^2
+    np.testing.assert_allclose(imu[:, :, 3], np.pi / 2, rtol=1e-4)  # 90 deg/s -> rad/s
+    assert len(load_split(out, "train")["label"]) == 6
