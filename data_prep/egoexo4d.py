@@ -2,6 +2,7 @@
 
     python -m data_prep.egoexo4d --root DIR --out DIR [--towers SPEC] [--imu-format vrs|csv]
         [--imu-dir DIR] [--window-sec 5] [--rate 50] [--limit-takes N] [--require-video]
+        [--workers N | --runner DirectRunner|DataflowRunner|FlinkRunner|SparkRunner BEAM_OPTIONS...]
 
 Input layout (Ego-Exo4D):
   takes.json                                  [{"take_uid", "take_name", "root_dir", ...}, ...]
@@ -31,6 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
+from data_prep import parallel
 from data_prep.ego4d import (
     ImuFileError,
     Recording,
@@ -172,12 +174,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--splits", nargs="+", default=["train", "val"],
                         help="official annotation files to read: atomic_descriptions_<split>.json")
     parser.add_argument("--limit-takes", type=int, help="process at most N takes per annotation file")
-    args = parser.parse_args(argv)
-    return run_cli(
-        args,
-        lambda: egoexo4d_recordings(args.root, args.splits, args.imu_format, args.imu_dir, args.limit_takes),
-        source="egoexo4d",
-    )
+    parallel.add_driver_arguments(parser)
+    args, driver = parallel.parse_args(parser, argv)
+    catalog = functools.partial(egoexo4d_recordings, args.root, args.splits, args.imu_format, args.imu_dir,
+                                args.limit_takes)
+    return run_cli(args, driver, catalog, source="egoexo4d")
 
 
 if __name__ == "__main__":
