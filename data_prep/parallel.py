@@ -233,4 +233,7 @@ def parse_args(parser, argv: Sequence[str] | None):
     args, unknown = parser.parse_known_args(argv)
     if unknown and not args.runner:
         parser.error(f"unrecognized arguments: {' '.join(unknown)} (Beam pipeline options need --runner)")
+    if args.runner and args.workers != 1:
+        parser.error("--workers is for the local driver; with --runner use the runner's own option "
+                     "(--direct_num_workers, --num_workers, ...)")
     return args, Driver(workers=args.workers, runner=args.runner, beam_args=tuple(unknown))
