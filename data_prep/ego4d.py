@@ -33,9 +33,11 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import csv
 import dataclasses
 import functools
+import io
 import json
 import math
 import os
@@ -43,6 +45,7 @@ import sys
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
+
 from data_prep import common, parallel
 from data_prep.video import VideoError, read_clip
 from primus_jax import paths, towers
@@ -146,19 +149,20 @@ def read_imu_csv(path: str) -> tuple[np.ndarray, np.ndarray]:
         "bad values" (a value is not a number, or fewer than 2 timed rows), with a detail naming
         the file, line and column.
     """
-    if not os.path.isfile(path):
+    source = paths.resolve(path)
+    if not source.is_file():
         raise ImuFileError("missing imu", f"{path}: IMU file not found")
     wanted = (IMU_TIME_COLUMN,) + IMU_VALUE_COLUMNS
-    with open(path, newline="", encoding="utf-8") as f:
-        header = [name.strip() for name in next(csv.reader(f), [])]
+    text = source.read_text(encoding="utf-8")
+    header = [name.strip() for name in next(csv.reader(io.StringIO(text)), [])]
     missing = [name for name in wanted if name not in header]
     if missing:
         raise ImuFileError("bad columns", f"{path}: missing column(s) {', '.join(missing)} (found {header})")
     columns = [header.index(name) for name in wanted]
     try:
-        table = np.loadtxt(path, delimiter=",", skiprows=1, usecols=columns, ndmin=2, dtype=np.float64)
+        table = np.loadtxt(io.StringIO(text), delimiter=",", skiprows=1, usecols=columns, ndmin=2, dtype=np.float64)
     except ValueError:
-        table = _read_rows_with_blanks(path, wanted, columns)
+        table = _read_rows_with_blanks(text, path, wanted, columns)
     table = table[np.isfinite(table[:, 0])]
     if len(table) < 2:
         raise ImuFileError("bad values", f"{path}: fewer than 2 rows with a {IMU_TIME_COLUMN}")
@@ -166,23 +170,22 @@ def read_imu_csv(path: str) -> tuple[np.ndarray, np.ndarray]:
     return table[:, 0] / 1000.0, table[:, 1:]
 
 
-def _read_rows_with_blanks(path: str, wanted: Sequence[str], columns: Sequence[int]) -> np.ndarray:
-    """Row-by-row parse of the `columns` of a CSV: blank cells -> NaN, text -> ImuFileError."""
+def _read_rows_with_blanks(text: str, path: str, wanted: Sequence[str], columns: Sequence[int]) -> np.ndarray:
+    """Row-by-row parse of the `columns` of a CSV's text: blank cells -> NaN, text -> ImuFileError."""
     rows = []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        next(reader)
-        for line_number, row in enumerate(reader, start=2):
-            values = []
-            for name, column in zip(wanted, columns):
-                cell = row[column].strip() if column < len(row) else ""
-                try:
-                    values.append(float(cell) if cell else math.nan)
-                except ValueError:
-                    raise ImuFileError(
-                        "bad values", f"{path} line {line_number}: {name} is {cell!r}, not a number"
-                    ) from None
-            rows.append(values)
+    reader = csv.reader(io.StringIO(text))
+    next(reader)
+    for line_number, row in enumerate(reader, start=2):
+        values = []
+        for name, column in zip(wanted, columns):
+            cell = row[column].strip() if column < len(row) else ""
+            try:
+                values.append(float(cell) if cell else math.nan)
+            except ValueError:
+                raise ImuFileError(
+                    "bad values", f"{path} line {line_number}: {name} is {cell!r}, not a number"
+                ) from None
+        rows.append(values)
     return np.asarray(rows, dtype=np.float64).reshape(-1, len(wanted))
 
 
@@ -235,7 +238,7 @@ def _embed_videos(
         for candidate in candidates:
             candidate["video_emb"] = None
         return candidates
-    if video_path is None or not os.path.isfile(video_path):
+    if video_path is None or not paths.resolve(video_path).is_file():
         for candidate in candidates:
             without_video(candidate, "missing video", f"{video_path}: video file not found")
     else:
@@ -356,9 +359,13 @@ class NarratedJob:
             for _ in recording.narrations:
                 report.drop(error.reason, error.detail)
             return recording.split, [], report
-        windows = recording_windows(
-            recording, times_s, imu, source=self.source, settings=self.settings, report=report, **loaded
-        )
+        with contextlib.ExitStack() as stack:
+            if recording.video_path and loaded["video_tower"] and paths.resolve(recording.video_path).is_file():
+                local = stack.enter_context(paths.local_copy(recording.video_path))  # PyAV reads local files
+                recording = dataclasses.replace(recording, video_path=local)
+            windows = recording_windows(
+                recording, times_s, imu, source=self.source, settings=self.settings, report=report, **loaded
+            )
         if windows:
             report.keep(recording.split, len(windows))
         return recording.split, windows, report
@@ -435,11 +442,11 @@ def parse_splits(pairs: Sequence[str]) -> dict[str, float]:
 
 def load_json(path: str, what: str):
     """Parses a JSON file, raising ValueError / FileNotFoundError that name the file."""
-    if not os.path.isfile(path):
+    source = paths.resolve(path)
+    if not source.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist.")
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(source.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{what} {path} is not valid JSON ({error}).") from None
 
@@ -485,7 +492,7 @@ def ego4d_recordings(
         return os.path.join(root, "v1", "imu", f"{uid}.csv")
 
     if limit_videos is not None:
-        uids = [uid for uid in uids if os.path.isfile(imu_path(uid))][:limit_videos]
+        uids = [uid for uid in uids if paths.resolve(imu_path(uid)).is_file()][:limit_videos]
     splits = common.split_by_group(uids, fractions, seed)
     recordings = [
         Recording(
@@ -520,4 +527,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable data_prep.ego4d, not this __main__ copy: worker processes must unpickle its classes.
+    from data_prep import ego4d as importable
+
+    sys.exit(importable.main())

@@ -480,4 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable data_prep.har, not this __main__ copy: worker processes must unpickle its classes.
+    from data_prep import har as importable
+
+    sys.exit(importable.main())
