@@ -114,8 +114,11 @@ def test_a_dead_worker_stops_the_run_and_a_rerun_gives_the_same_dataset(ego4d_ro
     assert parallel.STAGING_DIR not in os.listdir(out)
 
 
-def test_beam_options_need_a_runner(ego4d_root, tmp_path, capsys):
+def test_beam_options_need_a_runner_and_workers_need_the_local_driver(ego4d_root, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         ego4d.main(["--ego4d-root", str(ego4d_root), "--out", str(tmp_path), "--direct_num_workers=2"])
     assert exit_.value.code == 2
     assert "unrecognized arguments: --direct_num_workers=2 (Beam pipeline options need --runner)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ego4d.main(["--ego4d-root", str(ego4d_root), "--out", str(tmp_path), "--workers", "2", "--runner", "DirectRunner"])
+    assert "--workers is for the local driver; with --runner use the runner's own option" in capsys.readouterr().err
