@@ -108,8 +108,7 @@ def measure_one(root: str, out: str, towers: str, frames_per_clip: str, *driver_
             "worker_peak_rss_mb": driver_peak if in_process else max_rss_mb(resource.RUSAGE_CHILDREN)}
 
 
-def run_child(name: str, driver_args: list[str], root: str, workdir: str, args: argparse.Namespace) -> dict:
-    out = os.path.join(workdir, f"out_{name}")
+def run_child(name: str, driver_args: list[str], root: str, out: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, "-m", "benchmarks.data_prep_workers", CHILD_FLAG, root, out, args.towers,
                str(args.frames_per_clip), *driver_args]
     row = common.run_json_child(command, f"data_prep.ego4d ({name})")
@@ -135,7 +134,8 @@ def run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="primus_data_prep_workers_") as workdir:
         root = os.path.join(workdir, "ego4d")
         narrations = write_ego4d_tree(root, args)
-        rows = [run_child(name, driver_args, root, workdir, args) for name, driver_args in runs]
+        rows = [run_child(name, driver_args, root, os.path.join(workdir, f"out_{i}"), args)
+                for i, (name, driver_args) in enumerate(runs)]
     base = rows[0]["windows_per_s"]
     for row in rows:
         row["speedup"] = round(row["windows_per_s"] / base, 3)
