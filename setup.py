@@ -29,14 +29,18 @@ setup(
         "seglearn>=1.2.5",
         "aeon>=1.0",
         "tqdm>=4.66",
+        "cloudpickle>=3.0",  # ships a data_prep job to the local worker processes
         "tensorboardX>=2.6",
         "matplotlib>=3.8",
     ],
     extras_require={
         # tensorflow-datasets: opening a prepared dataset with tfds.builder_from_directory (tested
-        # with 4.9.10 next to tensorflow-cpu 2.21 and protobuf 6.33)
+        # with 4.9.10 next to tensorflow-cpu 2.21 and protobuf 6.33); apache-beam: the DirectRunner test.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "tensorflow-cpu>=2.16", "tensorflow-datasets>=4.9.10,<5",
-                 "gcp-storage-emulator>=2026.7"],
+                 "gcp-storage-emulator>=2026.7", "apache-beam>=2.77"],
+        # data_prep --runner DirectRunner|DataflowRunner|FlinkRunner|SparkRunner (data_prep/beam_pipeline.py);
+        # 2.77 installs on Python 3.11 next to tensorflow-cpu 2.21 and jax 0.10 (protobuf 6.33).
+        "beam": ["apache-beam>=2.77"],
         # Accelerators: jax's CUDA 12 / CUDA 13 wheels (NVIDIA driver only, CUDA comes from pip), or libtpu.
         "cuda12": ["jax[cuda12]>=0.10.2,<0.12"],
         "cuda13": ["jax[cuda13]>=0.10.2,<0.12"],

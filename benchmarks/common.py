@@ -133,3 +133,16 @@ def run_cli(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace],
         print(line)
     print(json.dumps(result, sort_keys=True), flush=True)
     return 0
+
+
+def run_json_child(command: list[str], what: str) -> dict:
+    """Runs a benchmark's measuring child process and returns the JSON object on its last stdout line.
+
+    Raises RuntimeError naming `what` with the end of the child's stderr when it fails.
+    """
+    import subprocess
+
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{what} failed: {done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,9 +54,10 @@ def write_recordings(csv_dir: str, n: int, seconds: float, rate_hz: float, seed:
     return labels
 
 
-def max_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MB (ru_maxrss is in KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def max_rss_mb(who: int = resource.RUSAGE_SELF) -> float:
+    """Peak resident memory so far, in MB, of this process (or, with RUSAGE_CHILDREN, of its
+    largest waited-for child; ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(who).ru_maxrss / 1024.0
 
 
 def measure_one(csv_dir: str, labels: str, rate_hz: float, out_dir: str) -> dict:
@@ -81,10 +81,7 @@ def run_child(n: int, args: argparse.Namespace, workdir: str) -> dict:
     labels = write_recordings(csv_dir, n, args.seconds, args.rate)
     out_dir = os.path.join(workdir, f"prepared_{n}")
     command = [sys.executable, "-m", "benchmarks.data_prep", CHILD_FLAG, csv_dir, labels, str(args.rate), out_dir]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"data_prep.har on {n} generated recordings failed: {done.stderr.strip()[-2000:]}")
-    row = json.loads(done.stdout.strip().splitlines()[-1])
+    row = common.run_json_child(command, f"data_prep.har on {n} generated recordings")
     row["recordings"] = n
     row["windows_per_s"] = row["windows"] / row["seconds"]
     return row

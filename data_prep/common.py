@@ -241,6 +241,28 @@ class Report:
         if detail and len(self.examples[reason]) < self.MAX_EXAMPLES:
             self.examples[reason].append(detail)
 
+    def merge(self, other: "Report") -> None:
+        """Adds the counts of `other` (e.g. one recording's report from a worker) to this one.
+
+        Examples are appended up to MAX_EXAMPLES per reason, so merging per-recording reports
+        in recording order gives the same report as counting all recordings in one process.
+        """
+        self.kept.update(other.kept)
+        self.dropped.update(other.dropped)
+        for reason, examples in other.examples.items():
+            room = self.MAX_EXAMPLES - len(self.examples[reason])
+            self.examples[reason].extend(examples[: max(room, 0)])
+
+    @classmethod
+    def from_dict(cls, content: dict) -> "Report":
+        """The Report that `as_dict` (report.json) describes."""
+        report = cls(content["source"])
+        report.kept.update(content.get("kept", {}))
+        report.dropped.update(content.get("dropped", {}))
+        for reason, examples in content.get("drop_examples", {}).items():
+            report.examples[reason].extend(examples)
+        return report
+
     @property
     def total_kept(self) -> int:
         return sum(self.kept.values())

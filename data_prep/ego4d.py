@@ -2,6 +2,7 @@
 
     python -m data_prep.ego4d --ego4d-root DIR --out DIR [--towers SPEC] [--window-sec 5]
         [--rate 50] [--splits train=0.8 val=0.1 test=0.1] [--limit-videos N] [--require-video]
+        [--workers N | --runner DirectRunner|DataflowRunner|FlinkRunner|SparkRunner BEAM_OPTIONS...]
 
 Input layout (Ego4D v1):
   v1/annotations/narration.json   {video_uid: {"narration_pass_1": {"narrations": [
@@ -19,20 +20,24 @@ uniform grid start + i / (m r), i < m r w (r = --rate, w = --window-sec, m = rou
 T = r w samples aligned with the window; no padding or trimming is needed.
 
 Videos are read and embedded one window at a time in small batches, so memory stays bounded.
+Each recording is processed by one pure function (`NarratedJob.process`); `data_prep.parallel`
+runs it here (`--workers N` processes) or on Apache Beam (`--runner ...`), with the same output.
 Policy for video: a window whose mp4 is missing or unreadable is kept with has_video = 0 and
 counted in report.json under "kept_without_video"; `--require-video` drops it instead.
 Recordings are assigned to splits whole (`common.split_by_group` over the processed videos).
 
 The code below the Ego4D-specific part (`Narration`, `Recording`, `recording_windows`,
-`write_dataset`, the shared command-line options) is also used by `data_prep.egoexo4d`.
+`NarratedJob`, the shared command-line options) is also used by `data_prep.egoexo4d`.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import csv
 import dataclasses
 import functools
+import io
 import json
 import math
 import os
@@ -40,12 +45,11 @@ import sys
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
-import tqdm
 
-from data_prep import common
+from data_prep import common, parallel
 from data_prep.video import VideoError, read_clip
 from primus_jax import paths, towers
-from primus_jax.data import DatasetWriter, Window
+from primus_jax.data import Window
 
 IMU_TIME_COLUMN = "canonical_timestamp_ms"
 IMU_VALUE_COLUMNS = ("accl_x", "accl_y", "accl_z", "gyro_x", "gyro_y", "gyro_z")
@@ -114,6 +118,16 @@ class EgoReport(common.Report):
         if len(self.examples[reason]) < self.MAX_EXAMPLES:
             self.examples[reason].append(detail)
 
+    def merge(self, other: "EgoReport") -> None:
+        super().merge(other)
+        self.without_video.update(other.without_video)
+
+    @classmethod
+    def from_dict(cls, content: dict) -> "EgoReport":
+        report = super().from_dict(content)
+        report.without_video.update(content.get("kept_without_video", {}))
+        return report
+
     def as_dict(self) -> dict:
         return {**super().as_dict(), "kept_without_video": dict(sorted(self.without_video.items()))}
 
@@ -135,19 +149,20 @@ def read_imu_csv(path: str) -> tuple[np.ndarray, np.ndarray]:
         "bad values" (a value is not a number, or fewer than 2 timed rows), with a detail naming
         the file, line and column.
     """
-    if not os.path.isfile(path):
+    source = paths.resolve(path)
+    if not source.is_file():
         raise ImuFileError("missing imu", f"{path}: IMU file not found")
     wanted = (IMU_TIME_COLUMN,) + IMU_VALUE_COLUMNS
-    with open(path, newline="", encoding="utf-8") as f:
-        header = [name.strip() for name in next(csv.reader(f), [])]
+    text = source.read_text(encoding="utf-8")
+    header = [name.strip() for name in next(csv.reader(io.StringIO(text)), [])]
     missing = [name for name in wanted if name not in header]
     if missing:
         raise ImuFileError("bad columns", f"{path}: missing column(s) {', '.join(missing)} (found {header})")
     columns = [header.index(name) for name in wanted]
     try:
-        table = np.loadtxt(path, delimiter=",", skiprows=1, usecols=columns, ndmin=2, dtype=np.float64)
+        table = np.loadtxt(io.StringIO(text), delimiter=",", skiprows=1, usecols=columns, ndmin=2, dtype=np.float64)
     except ValueError:
-        table = _read_rows_with_blanks(path, wanted, columns)
+        table = _read_rows_with_blanks(text, path, wanted, columns)
     table = table[np.isfinite(table[:, 0])]
     if len(table) < 2:
         raise ImuFileError("bad values", f"{path}: fewer than 2 rows with a {IMU_TIME_COLUMN}")
@@ -155,23 +170,22 @@ def read_imu_csv(path: str) -> tuple[np.ndarray, np.ndarray]:
     return table[:, 0] / 1000.0, table[:, 1:]
 
 
-def _read_rows_with_blanks(path: str, wanted: Sequence[str], columns: Sequence[int]) -> np.ndarray:
-    """Row-by-row parse of the `columns` of a CSV: blank cells -> NaN, text -> ImuFileError."""
+def _read_rows_with_blanks(text: str, path: str, wanted: Sequence[str], columns: Sequence[int]) -> np.ndarray:
+    """Row-by-row parse of the `columns` of a CSV's text: blank cells -> NaN, text -> ImuFileError."""
     rows = []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        next(reader)
-        for line_number, row in enumerate(reader, start=2):
-            values = []
-            for name, column in zip(wanted, columns):
-                cell = row[column].strip() if column < len(row) else ""
-                try:
-                    values.append(float(cell) if cell else math.nan)
-                except ValueError:
-                    raise ImuFileError(
-                        "bad values", f"{path} line {line_number}: {name} is {cell!r}, not a number"
-                    ) from None
-            rows.append(values)
+    reader = csv.reader(io.StringIO(text))
+    next(reader)
+    for line_number, row in enumerate(reader, start=2):
+        values = []
+        for name, column in zip(wanted, columns):
+            cell = row[column].strip() if column < len(row) else ""
+            try:
+                values.append(float(cell) if cell else math.nan)
+            except ValueError:
+                raise ImuFileError(
+                    "bad values", f"{path} line {line_number}: {name} is {cell!r}, not a number"
+                ) from None
+        rows.append(values)
     return np.asarray(rows, dtype=np.float64).reshape(-1, len(wanted))
 
 
@@ -224,7 +238,7 @@ def _embed_videos(
         for candidate in candidates:
             candidate["video_emb"] = None
         return candidates
-    if video_path is None or not os.path.isfile(video_path):
+    if video_path is None or not paths.resolve(video_path).is_file():
         for candidate in candidates:
             without_video(candidate, "missing video", f"{video_path}: video file not found")
     else:
@@ -305,53 +319,63 @@ def recording_windows(
     ]
 
 
-def write_dataset(
-    recordings: Sequence[Recording],
-    out_dir: str,
-    *,
-    source: str,
-    input_description: str,
-    settings: WindowSettings,
-    text_tower,
-    video_tower,
-    overwrite: bool = False,
-) -> EgoReport:
-    """Processes the recordings one at a time and writes their windows and report.json to out_dir.
+@dataclasses.dataclass(frozen=True)
+class NarratedJob:
+    """Narrated recordings (Ego4D videos, Ego-Exo4D takes) as a `data_prep.parallel` job.
 
-    Raises:
-      NothingUsable: no window survived (report.json is still written, the shards are not).
+    `catalog()` returns (recordings, input description); `process` is the pure per-recording
+    function: the recording's IMU file is read (an ImuFileError drops every narration under its
+    reason) and `recording_windows` cuts and embeds its windows with the worker's towers.
     """
-    report = EgoReport(source)
-    extra = {"window_sec": settings.window_sec, "max_gap_s": settings.max_gap_s,
-             "require_video": settings.require_video, "frames_per_clip": settings.frames_per_clip}
-    with DatasetWriter(
-        out_dir,
-        T=settings.length,
-        rate_hz=settings.rate_hz,
-        text_dim=text_tower.dim if text_tower else 0,
-        video_dim=video_tower.dim if video_tower else 0,
-        towers={name: tower.describe() for name, tower in (("text", text_tower), ("video", video_tower)) if tower},
-        overwrite=overwrite,
-        extra=extra,
-    ) as writer:
-        for recording in tqdm.tqdm(recordings, desc=source, unit="recording"):
-            try:
-                times_s, imu = recording.load_imu()
-            except ImuFileError as error:
-                for _ in recording.narrations:
-                    report.drop(error.reason, error.detail)
-                continue
+
+    source: str
+    catalog: Callable[[], tuple[Sequence[Recording], str]]
+    settings: WindowSettings
+    text_tower: str
+    video_tower: str
+
+    def setup(self) -> dict:
+        return load_towers(self.text_tower, self.video_tower)
+
+    def header(self, loaded: dict) -> dict:
+        text_tower, video_tower = loaded["text_tower"], loaded["video_tower"]
+        settings = self.settings
+        return {
+            "T": settings.length, "rate_hz": settings.rate_hz,
+            "text_dim": text_tower.dim if text_tower else 0, "video_dim": video_tower.dim if video_tower else 0,
+            "towers": {name: tower.describe() for name, tower in (("text", text_tower), ("video", video_tower)) if tower},
+            "extra": {"window_sec": settings.window_sec, "max_gap_s": settings.max_gap_s,
+                      "require_video": settings.require_video, "frames_per_clip": settings.frames_per_clip},
+        }
+
+    def new_report(self) -> EgoReport:
+        return EgoReport(self.source)
+
+    def process(self, recording: Recording, loaded: dict) -> tuple[str, list[Window], EgoReport]:
+        report = EgoReport(self.source)
+        try:
+            times_s, imu = recording.load_imu()
+        except ImuFileError as error:
+            for _ in recording.narrations:
+                report.drop(error.reason, error.detail)
+            return recording.split, [], report
+        with contextlib.ExitStack() as stack:
+            if recording.video_path and loaded["video_tower"] and paths.resolve(recording.video_path).is_file():
+                local = stack.enter_context(paths.local_copy(recording.video_path))  # PyAV reads local files
+                recording = dataclasses.replace(recording, video_path=local)
             windows = recording_windows(
-                recording, times_s, imu, source=source, settings=settings,
-                text_tower=text_tower, video_tower=video_tower, report=report,
+                recording, times_s, imu, source=self.source, settings=self.settings, report=report, **loaded
             )
-            for window in windows:
-                writer.add(recording.split, window)
-            if windows:
-                report.keep(recording.split, len(windows))
-        report.write(out_dir)
-        report.require_some(input_description)
-    return report
+        if windows:
+            report.keep(recording.split, len(windows))
+        return recording.split, windows, report
+
+    def failed(self, recording: Recording, error: Exception) -> EgoReport:
+        """Every narration of a recording whose processing raised is dropped as "failed recording"."""
+        report = EgoReport(self.source)
+        for _ in recording.narrations:
+            report.drop("failed recording", f"{recording.recording_id}: {type(error).__name__}: {error}")
+        return report
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -384,23 +408,20 @@ def load_towers(text_spec: str, video_spec: str) -> dict:
         raise ValueError(f"cannot load the towers (text {text_spec!r}, video {video_spec!r}): {error}") from None
 
 
-def run_cli(args: argparse.Namespace, build_recordings: Callable[[], tuple[list[Recording], str]], source: str) -> int:
-    """Loads the towers, writes the dataset and prints the report; returns the exit status.
+def run_cli(args: argparse.Namespace, driver: parallel.Driver,
+            catalog: Callable[[], tuple[Sequence[Recording], str]], source: str) -> int:
+    """Writes the dataset with `driver` and prints the report; returns the exit status.
 
     Bad input (a missing or malformed annotation file, a tower that cannot load, an existing
-    dataset without --overwrite) and a run with no usable window print one error sentence to
-    stderr and return 1.
+    dataset without --overwrite), a run with no usable window and a dead local worker print one
+    error sentence to stderr and return 1.
     """
     try:
         out = paths.check_access(args.out)  # refuse a bad scheme or bucket before any work
-        recordings, input_description = build_recordings()
-        report = write_dataset(
-            recordings, out, source=source, input_description=input_description,
-            settings=settings_from_args(args),
-            **load_towers(args.text_tower or args.towers, args.video_tower or args.towers),
-            overwrite=args.overwrite,
-        )
-    except (common.NothingUsable, ValueError, OSError) as error:
+        job = NarratedJob(source, catalog, settings_from_args(args),
+                          args.text_tower or args.towers, args.video_tower or args.towers)
+        report = parallel.prepare(job, out, driver=driver, overwrite=args.overwrite)
+    except (common.NothingUsable, parallel.WorkerDied, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(report.summary())
@@ -421,11 +442,11 @@ def parse_splits(pairs: Sequence[str]) -> dict[str, float]:
 
 def load_json(path: str, what: str):
     """Parses a JSON file, raising ValueError / FileNotFoundError that name the file."""
-    if not os.path.isfile(path):
+    source = paths.resolve(path)
+    if not source.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist.")
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(source.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{what} {path} is not valid JSON ({error}).") from None
 
@@ -471,7 +492,7 @@ def ego4d_recordings(
         return os.path.join(root, "v1", "imu", f"{uid}.csv")
 
     if limit_videos is not None:
-        uids = [uid for uid in uids if os.path.isfile(imu_path(uid))][:limit_videos]
+        uids = [uid for uid in uids if paths.resolve(imu_path(uid)).is_file()][:limit_videos]
     splits = common.split_by_group(uids, fractions, seed)
     recordings = [
         Recording(
@@ -495,13 +516,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="split fractions by video, NAME=FRACTION ...")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split assignment")
     parser.add_argument("--limit-videos", type=int, help="process only the first N videos that have IMU")
-    args = parser.parse_args(argv)
-    return run_cli(
-        args,
-        lambda: ego4d_recordings(args.ego4d_root, parse_splits(args.splits), args.seed, args.limit_videos),
-        source="ego4d",
-    )
+    parallel.add_driver_arguments(parser)
+    args, driver = parallel.parse_args(parser, argv)
+    try:
+        fractions = parse_splits(args.splits)
+    except ValueError as error:
+        parser.error(str(error))
+    catalog = functools.partial(ego4d_recordings, args.ego4d_root, fractions, args.seed, args.limit_videos)
+    return run_cli(args, driver, catalog, source="ego4d")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable data_prep.ego4d, not this __main__ copy: worker processes must unpickle its classes.
+    from data_prep import ego4d as importable
+
+    sys.exit(importable.main())

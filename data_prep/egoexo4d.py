@@ -2,6 +2,7 @@
 
     python -m data_prep.egoexo4d --root DIR --out DIR [--towers SPEC] [--imu-format vrs|csv]
         [--imu-dir DIR] [--window-sec 5] [--rate 50] [--limit-takes N] [--require-video]
+        [--workers N | --runner DirectRunner|DataflowRunner|FlinkRunner|SparkRunner BEAM_OPTIONS...]
 
 Input layout (Ego-Exo4D):
   takes.json                                  [{"take_uid", "take_name", "root_dir", ...}, ...]
@@ -24,13 +25,14 @@ from __future__ import annotations
 
 import argparse
 import functools
-import glob
 import os
 import sys
 from typing import Sequence
 
 import numpy as np
 
+from data_prep import parallel
+from primus_jax import paths
 from data_prep.ego4d import (
     ImuFileError,
     Recording,
@@ -65,18 +67,19 @@ def read_vrs_imu(path: str) -> tuple[np.ndarray, np.ndarray]:
       ImuFileError: "missing imu" (no file) or "unreadable vrs" (cannot open, no IMU stream,
         no valid record), naming the file.
     """
-    if not os.path.isfile(path):
+    if not paths.resolve(path).is_file():
         raise ImuFileError("missing imu", f"{path}: VRS file not found")
     data_provider = require_projectaria_tools()
     from projectaria_tools.core.stream_id import StreamId
 
-    provider = data_provider.create_vrs_data_provider(path)
-    if not provider:
-        raise ImuFileError("unreadable vrs", f"{path}: projectaria-tools cannot open the VRS file")
-    stream = StreamId(IMU_STREAM)
-    if stream not in provider.get_all_streams():
-        raise ImuFileError("unreadable vrs", f"{path}: no IMU stream {IMU_STREAM}")
-    records = [provider.get_imu_data_by_index(stream, i) for i in range(provider.get_num_data(stream))]
+    with paths.local_copy(path) as local:  # projectaria-tools reads local files only
+        provider = data_provider.create_vrs_data_provider(local)
+        if not provider:
+            raise ImuFileError("unreadable vrs", f"{path}: projectaria-tools cannot open the VRS file")
+        stream = StreamId(IMU_STREAM)
+        if stream not in provider.get_all_streams():
+            raise ImuFileError("unreadable vrs", f"{path}: no IMU stream {IMU_STREAM}")
+        records = [provider.get_imu_data_by_index(stream, i) for i in range(provider.get_num_data(stream))]
     records = [r for r in records if r.accel_valid and r.gyro_valid]
     if not records:
         raise ImuFileError("unreadable vrs", f"{path}: IMU stream {IMU_STREAM} has no valid record")
@@ -110,8 +113,10 @@ def atomic_descriptions(annotation_json: dict, path: str) -> dict[str, list]:
     return takes
 
 
-def _first_match(pattern: str) -> str | None:
-    matches = sorted(glob.glob(pattern))
+def _first_match(folder: str, pattern: str) -> str | None:
+    """The first (sorted) file in `folder` (local or gs://) whose path below it matches `pattern`."""
+    folder_path = paths.resolve(folder)
+    matches = sorted(str(match) for match in folder_path.glob(pattern)) if folder_path.is_dir() else []
     return matches[0] if matches else None
 
 
@@ -145,7 +150,7 @@ def egoexo4d_recordings(
             take = takes[take_uid]
             take_dir = os.path.join(root, take["root_dir"])
             if imu_format == "vrs":
-                vrs = _first_match(os.path.join(glob.escape(take_dir), "*_noimagestreams.vrs"))
+                vrs = _first_match(take_dir, "*_noimagestreams.vrs")
                 load = functools.partial(read_vrs_imu, vrs or os.path.join(take_dir, "*_noimagestreams.vrs"))
             else:
                 load = functools.partial(read_take_csv, os.path.join(imu_dir, f"{take['take_name']}.csv"))
@@ -155,7 +160,7 @@ def egoexo4d_recordings(
                     subject=str(take.get("participant_uid") or take_uid),
                     split=split,
                     narrations=tuple(described[take_uid]),
-                    video_path=_first_match(os.path.join(glob.escape(take_dir), "frame_aligned_videos", "*_214-1.mp4")),
+                    video_path=_first_match(take_dir, "frame_aligned_videos/*_214-1.mp4"),
                     load_imu=load,
                 )
             )
@@ -172,13 +177,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--splits", nargs="+", default=["train", "val"],
                         help="official annotation files to read: atomic_descriptions_<split>.json")
     parser.add_argument("--limit-takes", type=int, help="process at most N takes per annotation file")
-    args = parser.parse_args(argv)
-    return run_cli(
-        args,
-        lambda: egoexo4d_recordings(args.root, args.splits, args.imu_format, args.imu_dir, args.limit_takes),
-        source="egoexo4d",
-    )
+    parallel.add_driver_arguments(parser)
+    args, driver = parallel.parse_args(parser, argv)
+    catalog = functools.partial(egoexo4d_recordings, args.root, args.splits, args.imu_format, args.imu_dir,
+                                args.limit_takes)
+    return run_cli(args, driver, catalog, source="egoexo4d")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable data_prep.egoexo4d, not this __main__ copy: worker processes must unpickle its classes.
+    from data_prep import egoexo4d as importable
+
+    sys.exit(importable.main())

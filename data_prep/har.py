@@ -3,6 +3,7 @@
     python -m data_prep.har --dataset watch --out DIR [--heldout-subjects 8,9,10]
     python -m data_prep.har --dataset basicmotions --out DIR
     python -m data_prep.har --dataset csv --csv-dir DIR --labels FILE --rate HZ --units {si,g} --out DIR
+    ... [--workers N | --runner DirectRunner|DataflowRunner|FlinkRunner|SparkRunner BEAM_OPTIONS...]
 
 Every recording is converted to SI units (m/s^2, rad/s), checked (`common.check_imu`),
 resampled to --target-rate (default 50 Hz) and cut into windows of --T samples (default 250)
@@ -39,13 +40,13 @@ import csv
 import dataclasses
 import os
 import sys
-from typing import Callable, Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from data_prep import common
+from data_prep import common, parallel
 from primus_jax import paths, towers
-from primus_jax.data import DatasetWriter, Window
+from primus_jax.data import Window
 
 CSV_IMU_COLUMNS = ("ax", "ay", "az", "gx", "gy", "gz")
 DEFAULT_HELDOUT_WATCH_SUBJECTS = ("8", "9", "10")
@@ -89,22 +90,48 @@ class Recording:
     split: str
     timestamps_s: np.ndarray | None = None
 
+    def load(self) -> "Recording":
+        """A recording already in memory is its own item (see HarSource.items)."""
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class CsvFile:
+    """A recording still on disk: one IMU CSV of `data_prep.har`'s csv source, read by `load()`."""
+
+    recording_id: str
+    path: str
+    units: str
+    rate_hz: float
+    label: int
+    subject: str
+    split: str
+
+    def load(self) -> Recording | common.Problem:
+        result = read_imu_csv(self.path, self.units)
+        if isinstance(result, common.Problem):
+            return result
+        imu, timestamps = result
+        return Recording(self.recording_id, imu, self.rate_hz, self.label, self.subject, self.split, timestamps)
+
 
 @dataclasses.dataclass
 class HarSource:
     """A labelled dataset: class names, activity phrases for prompts, and its recordings.
 
-    `recordings(report)` yields Recordings one at a time and counts in `report` the files it
-    cannot read.
+    `items` are the recordings in order, each with `load() -> Recording | common.Problem` (a
+    Recording in memory, or a CsvFile read when processed); `initial_drops` are the problems
+    found while listing them (counted first in report.json).
     """
 
     name: str
     class_names: list[str]
     activities: list[str]
-    recordings: Callable[[common.Report], Iterator[Recording]]
+    items: list
     input_description: str
     expect_gravity: bool = True
     split_rule: str = ""
+    initial_drops: tuple[common.Problem, ...] = ()
 
 
 def class_prompts(activity: str) -> list[str]:
@@ -139,21 +166,21 @@ def watch_source(heldout_subjects: Sequence[str] = DEFAULT_HELDOUT_WATCH_SUBJECT
     subjects = [str(int(s)) for s in data["subject"]]
     _check_heldout(heldout_subjects, set(subjects), "seglearn watch")
 
-    def recordings(report: common.Report) -> Iterator[Recording]:
-        for index, (x, label, subject, side) in enumerate(zip(data["X"], data["y"], subjects, data["side"])):
-            imu = np.array(x, dtype=np.float64)
-            imu[:, :3] *= common.STANDARD_GRAVITY
-            side_name = "right" if side == 1 else "left"
-            yield Recording(
-                f"watch-{index:03d}-s{subject}-{side_name}-{labels[int(label)]}",
-                imu, 50.0, int(label), subject, _subject_split(subject, heldout_subjects),
-            )
+    recordings = []
+    for index, (x, label, subject, side) in enumerate(zip(data["X"], data["y"], subjects, data["side"])):
+        imu = np.array(x, dtype=np.float64)
+        imu[:, :3] *= common.STANDARD_GRAVITY
+        side_name = "right" if side == 1 else "left"
+        recordings.append(Recording(
+            f"watch-{index:03d}-s{subject}-{side_name}-{labels[int(label)]}",
+            imu, 50.0, int(label), subject, _subject_split(subject, heldout_subjects),
+        ))
 
     return HarSource(
         name="watch",
         class_names=[name for name, _ in WATCH_ACTIVITIES],
         activities=[phrase for _, phrase in WATCH_ACTIVITIES],
-        recordings=recordings,
+        items=recordings,
         input_description="seglearn watch dataset",
         split_rule=f"by subject: heldout = subjects {list(heldout_subjects)}, train = the rest",
     )
@@ -165,20 +192,20 @@ def basicmotions_source() -> HarSource:
 
     class_names = list(BASICMOTIONS_ACTIVITIES)
 
-    def recordings(report: common.Report) -> Iterator[Recording]:
-        for split in ("train", "test"):
-            x, y = load_basic_motions(split=split)
-            for index, (series, label) in enumerate(zip(x, y)):
-                yield Recording(
-                    f"basicmotions-{split}-{index:02d}", np.asarray(series, np.float64).T, 10.0,
-                    class_names.index(label), "", split,
-                )
+    recordings = []
+    for split in ("train", "test"):
+        x, y = load_basic_motions(split=split)
+        for index, (series, label) in enumerate(zip(x, y)):
+            recordings.append(Recording(
+                f"basicmotions-{split}-{index:02d}", np.asarray(series, np.float64).T, 10.0,
+                class_names.index(label), "", split,
+            ))
 
     return HarSource(
         name="basicmotions",
         class_names=class_names,
         activities=list(BASICMOTIONS_ACTIVITIES.values()),
-        recordings=recordings,
+        items=recordings,
         input_description="aeon BasicMotions",
         expect_gravity=False,
         split_rule="the given train / test recordings",
@@ -247,26 +274,20 @@ def csv_source(
     else:
         split_of = common.split_by_group(groups, fractions, seed)
 
-    def recordings(report: common.Report) -> Iterator[Recording]:
-        for line in incomplete:
-            report.drop("incomplete labels row", f"{labels_path}: line {line} lacks its file or label")
-        for row, group in zip(rows, groups):
-            path = os.path.join(csv_dir, row["file"])
-            result = read_imu_csv(path, units)
-            if isinstance(result, common.Problem):
-                report.drop(*result)
-                continue
-            imu, timestamps = result
-            yield Recording(
-                row["file"], imu, rate_hz, class_names.index(row["label"]), row.get("subject", ""),
-                split_of[group], timestamps,
-            )
-
+    files = [
+        CsvFile(row["file"], os.path.join(csv_dir, row["file"]), units, rate_hz, class_names.index(row["label"]),
+                row.get("subject", ""), split_of[group])
+        for row, group in zip(rows, groups)
+    ]
     return HarSource(
         name="csv",
         class_names=class_names,
         activities=[activity_phrase(name) for name in class_names],
-        recordings=recordings,
+        items=files,
+        initial_drops=tuple(
+            common.Problem("incomplete labels row", f"{labels_path}: line {line} lacks its file or label")
+            for line in incomplete
+        ),
         input_description=f"CSV folder {csv_dir} labelled by {labels_path}",
         expect_gravity=expect_gravity,
         split_rule=(
@@ -278,6 +299,80 @@ def csv_source(
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class HarJob:
+    """A HarSource windowed as a `data_prep.parallel` job; `process` is the per-recording function.
+
+    The class prototypes (`class_embeddings`, (classes, D) or None) are embedded once, before
+    the job is built, so a worker needs no tower.
+    """
+
+    source: HarSource
+    T: int
+    rate_hz: float
+    hop: int
+    prompts: dict[str, list[str]]
+    class_embeddings: np.ndarray | None
+    writer_header: dict
+
+    def catalog(self) -> tuple[list, str]:
+        return self.source.items, self.source.input_description
+
+    def setup(self) -> None:
+        return None
+
+    def header(self, _context) -> dict:
+        return self.writer_header
+
+    def new_report(self) -> common.Report:
+        report = common.Report(self.source.name)
+        for problem in self.source.initial_drops:
+            report.drop(*problem)
+        return report
+
+    def process(self, item, _context) -> tuple[str, list[Window], common.Report]:
+        """Loads, checks, resamples to rate_hz and cuts one recording into windows of T every hop."""
+        report, T, rate_hz = common.Report(self.source.name), self.T, self.rate_hz
+        recording = item.load()
+        if isinstance(recording, common.Problem):
+            report.drop(*recording)
+            return item.split, [], report
+        problem = common.check_imu(
+            recording.imu, recording.recording_id, timestamps_s=recording.timestamps_s,
+            max_gap_s=MAX_GAP_SAMPLES / recording.rate_hz, expect_gravity=self.source.expect_gravity,
+        )
+        if problem:
+            report.drop(*problem)
+            return recording.split, [], report
+        imu = common.resample(recording.imu, recording.rate_hz, rate_hz).astype(np.float32)
+        starts = common.window_starts(len(imu), T, self.hop)
+        if len(starts) == 0:
+            report.drop("shorter than window", f"{recording.recording_id}: {len(imu)} samples at {rate_hz} Hz < T={T}")
+            return recording.split, [], report
+        windows = [
+            Window(
+                imu=imu[start : start + T],
+                rate_hz=rate_hz,
+                text=self.prompts[self.source.class_names[recording.label]][0],
+                text_emb=None if self.class_embeddings is None else self.class_embeddings[recording.label],
+                label=recording.label,
+                source=self.source.name,
+                recording_id=recording.recording_id,
+                subject=recording.subject,
+                start_s=start / rate_hz,
+                end_s=(start + T) / rate_hz,
+            )
+            for start in starts
+        ]
+        report.keep(recording.split, len(windows))
+        return recording.split, windows, report
+
+    def failed(self, item, error: Exception) -> common.Report:
+        report = common.Report(self.source.name)
+        report.drop("failed recording", f"{item.recording_id}: {type(error).__name__}: {error}")
+        return report
+
+
 def write_har_dataset(
     source: HarSource,
     out_dir: str,
@@ -287,8 +382,9 @@ def write_har_dataset(
     hop: int | None = None,
     text_tower: towers.TextTower | None = None,
     overwrite: bool = False,
+    driver: parallel.Driver = parallel.Driver(),
 ) -> common.Report:
-    """Windows every recording of `source` into a dataset in out_dir; returns the Report.
+    """Windows every recording of `source` into a dataset in out_dir with `driver`; returns the Report.
 
     Writes report.json in out_dir. Raises common.NothingUsable (and publishes no dataset)
     when no window is kept.
@@ -301,53 +397,13 @@ def write_har_dataset(
         embeddings = text_tower.embed(flat, progress=False)
         prototypes = embeddings.reshape(len(source.class_names), len(PROMPT_TEMPLATES), -1).mean(axis=1)
         class_embeddings = prototypes / np.linalg.norm(prototypes, axis=1, keepdims=True)
-    report = common.Report(source.name)
-    with DatasetWriter(
-        out_dir,
-        T=T,
-        rate_hz=rate_hz,
-        text_dim=text_tower.dim if text_tower else 0,
-        video_dim=0,
-        towers={"text": text_tower.describe()} if text_tower else {},
-        class_names=source.class_names,
-        overwrite=overwrite,
-        extra={"source": source.name, "prompts": prompts, "split_rule": source.split_rule, "hop": hop},
-    ) as writer:
-        for recording in source.recordings(report):
-            problem = common.check_imu(
-                recording.imu, recording.recording_id, timestamps_s=recording.timestamps_s,
-                max_gap_s=MAX_GAP_SAMPLES / recording.rate_hz, expect_gravity=source.expect_gravity,
-            )
-            if problem:
-                report.drop(*problem)
-                continue
-            imu = common.resample(recording.imu, recording.rate_hz, rate_hz).astype(np.float32)
-            starts = common.window_starts(len(imu), T, hop)
-            if len(starts) == 0:
-                report.drop(
-                    "shorter than window", f"{recording.recording_id}: {len(imu)} samples at {rate_hz} Hz < T={T}"
-                )
-                continue
-            for start in starts:
-                writer.add(
-                    recording.split,
-                    Window(
-                        imu=imu[start : start + T],
-                        rate_hz=rate_hz,
-                        text=prompts[source.class_names[recording.label]][0],
-                        text_emb=None if class_embeddings is None else class_embeddings[recording.label],
-                        label=recording.label,
-                        source=source.name,
-                        recording_id=recording.recording_id,
-                        subject=recording.subject,
-                        start_s=start / rate_hz,
-                        end_s=(start + T) / rate_hz,
-                    ),
-                )
-            report.keep(recording.split, len(starts))
-        report.write(out_dir)
-        report.require_some(source.input_description)
-    return report
+    header = {
+        "T": T, "rate_hz": rate_hz, "text_dim": text_tower.dim if text_tower else 0, "video_dim": 0,
+        "towers": {"text": text_tower.describe()} if text_tower else {}, "class_names": source.class_names,
+        "extra": {"source": source.name, "prompts": prompts, "split_rule": source.split_rule, "hop": hop},
+    }
+    job = HarJob(source, T, rate_hz, hop, prompts, class_embeddings, header)
+    return parallel.prepare(job, out_dir, driver=driver, overwrite=overwrite)
 
 
 def _comma_list(text: str) -> list[str]:
@@ -388,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="csv without --heldout-subjects: split fractions, e.g. train=0.8,val=0.1,test=0.1")
     parser.add_argument("--seed", type=int, default=0, help="csv: seed of the group-to-split assignment")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
+    parallel.add_driver_arguments(parser)
     return parser
 
 
@@ -408,14 +465,14 @@ def source_from_args(args: argparse.Namespace) -> HarSource:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the CLI; bad input or no usable window prints one error sentence and returns 1."""
-    args = build_parser().parse_args(argv)
+    args, driver = parallel.parse_args(build_parser(), argv)
     try:
         out = paths.check_access(args.out)  # refuse a bad scheme or bucket before any work
         report = write_har_dataset(
             source_from_args(args), out, T=args.T, rate_hz=args.target_rate, hop=args.hop,
-            text_tower=towers.load_text_tower(args.text_tower), overwrite=args.overwrite,
+            text_tower=towers.load_text_tower(args.text_tower), overwrite=args.overwrite, driver=driver,
         )
-    except (common.NothingUsable, ValueError, FileNotFoundError, FileExistsError) as error:
+    except (common.NothingUsable, parallel.WorkerDied, ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(report.summary())
@@ -423,4 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable data_prep.har, not this __main__ copy: worker processes must unpickle its classes.
+    from data_prep import har as importable
+
+    sys.exit(importable.main())

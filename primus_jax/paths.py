@@ -35,8 +35,10 @@ Credentials and endpoints, set once per process when the first gs:// path is res
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import tempfile
 import uuid
 
 import fsspec
@@ -202,3 +204,17 @@ def move(source, destination) -> None:
     filesystem = epath_backend.fsspec_backend.fs(os.fspath(source))
     filesystem.copy(os.fspath(source), os.fspath(destination))
     filesystem.rm(os.fspath(source))
+
+
+@contextlib.contextmanager
+def local_copy(path):
+    """Yields a local file name holding `path`'s bytes: `path` itself when it is local, else a
+    temporary download (deleted on exit) for readers that need a real file (PyAV, VRS)."""
+    resolved = resolve(path)
+    if not is_gcs(resolved):
+        yield str(resolved)
+        return
+    with tempfile.TemporaryDirectory(prefix="primus_local_copy_") as folder:
+        local = os.path.join(folder, resolved.name)
+        epath_backend.fsspec_backend.fs(os.fspath(resolved)).get(os.fspath(resolved), local)
+        yield local

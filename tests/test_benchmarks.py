@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from benchmarks import data_prep, input_pipeline, main_loop, peak_memory, train_step
+from benchmarks import data_prep, data_prep_workers, input_pipeline, main_loop, peak_memory, train_step
 
 
 def final_json(capsys) -> dict:
@@ -109,6 +109,19 @@ def test_data_prep_benchmark_measures_each_n_in_its_own_process(capsys):
 def test_data_prep_benchmark_rejects_recordings_shorter_than_a_window(capsys):
     assert data_prep.main(["--recordings", "1", "--seconds", "2"]) == 1
     assert "shorter than one 5 s window" in capsys.readouterr().err
+
+
+def test_data_prep_workers_benchmark_runs_each_worker_count_on_generated_videos(capsys):
+    code = data_prep_workers.main(["--workers", "1,2", "--beam-workers", "0", "--recordings", "2", "--seconds", "8",
+                                   "--narration-every", "2", "--width", "64", "--height", "48", "--towers", "none"])
+    assert code == 0
+    result = final_json(capsys)
+    assert [row["run"] for row in result["rows"]] == ["local 1 worker", "local 2 workers"]
+    # narrations at 2, 4 and 6 s of each 8 s recording, all with a whole 5 s window
+    assert result["narrations"] == 6 and [row["windows"] for row in result["rows"]] == [6, 6]
+    one, two = result["rows"]
+    assert one["worker_peak_rss_mb"] == one["driver_peak_rss_mb"] > 0 and two["worker_peak_rss_mb"] > 0
+    assert two["speedup"] == pytest.approx(one["seconds"] / two["seconds"], rel=0.05)  # same windows
 
 
 def test_peak_memory_sees_a_child_that_holds_80_mb(capsys):

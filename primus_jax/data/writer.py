@@ -132,13 +132,25 @@ class DatasetWriter:
         if self._manifest is not None:
             raise ValueError(f"{self.out_dir}: DatasetWriter.add after close")
         self._check(split, window)
+        self._append(split, encode_example(window, text_dim=self.text_dim, video_dim=self.video_dim))
+
+    def add_encoded(self, split: str, example: bytes) -> None:
+        """Appends one serialized tf.train.Example as is, e.g. a record copied from a dataset
+        written by another DatasetWriter with the same header (data_prep's merge step); its
+        window was checked when that writer added it."""
+        if self._manifest is not None:
+            raise ValueError(f"{self.out_dir}: DatasetWriter.add_encoded after close")
+        if not _SPLIT_NAME.match(split):
+            raise ValueError(f"{self.out_dir}: split name {split!r} must be letters, digits, '_'")
+        self._append(split, example)
+
+    def _append(self, split: str, example: bytes) -> None:
         if split not in self._open:
             shard = len(self._finished.setdefault(split, []))
             temporary = self.out_dir / f".{split}-{shard:05d}.tfrecord.partial"
             self._open[split] = _OpenShard(temporary.open("wb"), temporary)
         shard = self._open[split]
-        shard.file.write(frame_record(encode_example(window, text_dim=self.text_dim,
-                                                     video_dim=self.video_dim)))
+        shard.file.write(frame_record(example))
         shard.records += 1
         if shard.records == self.records_per_shard:
             self._finish_shard(split)
