@@ -117,7 +117,8 @@ def test_mean_ranks_share_ties():
 
 
 def test_reference_checkpoint_is_scored_on_resampled_windows_without_zero_shot(tmp_path):
-    torch = pytest.importorskip("torch")  # the optional extra primus_jax[torch]
+    import torch  # in the test extra (the optional extra primus_jax[torch] for users)
+
     from tests.test_convert import random_state_dict
 
     checkpoint = tmp_path / "best_model.ckpt"
