@@ -152,14 +152,21 @@ def _max_pool_floor_fwd(x, size):
 
 
 def _max_pool_floor_bwd(size, saved, grad_pooled):
+    """dx[b, p size + j, c] = dy[b, p, c] where j is the window's first argmax, else 0.
+
+    The first argmax (B, P, C) comes from one elementwise pass over the taps; dx is then a
+    single elementwise select over (B, P, size, C) whose operands are broadcasts of (B, P, C)
+    arrays, reshaped (a bitcast) to (B, P size, C) and padded with the dropped tail's zeros.
+    Stacking per-tap gradients instead made XLA's CPU backend emit a slow concatenate, twice.
+    """
     x, pooled = saved
-    taken = jnp.zeros(pooled.shape, bool)
-    grads = []
-    for tap in _pool_taps(x, size):
-        first_max = (tap == pooled) & ~taken
-        grads.append(jnp.where(first_max, grad_pooled, 0.0).astype(x.dtype))
-        taken = taken | first_max
-    grad = jnp.stack(grads, axis=2).reshape(x.shape[0], -1, x.shape[2])
+    first_argmax = jnp.full(pooled.shape, -1, jnp.int32)  # -1: no tap (a NaN window gets no gradient)
+    for j, tap in reversed(list(enumerate(_pool_taps(x, size)))):
+        first_argmax = jnp.where(tap == pooled, j, first_argmax)
+    batch, windows, channels = pooled.shape
+    tap_index = jax.lax.broadcasted_iota(jnp.int32, (batch, windows, size, channels), 2)
+    grad = jnp.where(tap_index == first_argmax[:, :, None], grad_pooled[:, :, None], 0.0).astype(x.dtype)
+    grad = grad.reshape(batch, windows * size, channels)
     return (jnp.pad(grad, ((0, 0), (0, x.shape[1] - grad.shape[1]), (0, 0))),)
 
 
