@@ -138,9 +138,8 @@ def run(args: argparse.Namespace) -> dict:
                 for i, (name, driver_args) in enumerate(runs)]
     base = rows[0]["windows_per_s"]
     for row in rows:
-        # significant figures, not decimals: a spawn-dominated tiny run can have a speed-up of 0.01
-        row["speedup"] = float(f"{row['windows_per_s'] / base:.4g}")
-        row["windows_per_s"], row["seconds"] = float(f"{row['windows_per_s']:.4g}"), float(f"{row['seconds']:.4g}")
+        row["speedup"] = common.significant(row["windows_per_s"] / base)
+        row["windows_per_s"], row["seconds"] = common.significant(row["windows_per_s"]), common.significant(row["seconds"])
         for key in ("driver_peak_rss_mb", "worker_peak_rss_mb"):
             row[key] = round(row[key], 1)
     return {

@@ -185,11 +185,11 @@ def run(args: argparse.Namespace) -> dict:
         "write_records_per_s": round(args.records / write_s, 1),
         "decode_protobuf_records_per_s": round(statistics.median(old_rates), 1),
         "decode_records_per_s": round(statistics.median(new_rates), 1),
-        "decode_speedup": round(statistics.median(ratios), 2),
+        "decode_speedup": common.significant(statistics.median(ratios)),
         "records_per_s_by_workers": pipeline,
         "step_samples_per_s": round(step_rate, 2),
         "step_rate_source": "given" if args.step_samples_per_s else "measured",
-        "ratio_to_step_by_workers": {w: round(rate / step_rate, 2) for w, rate in pipeline.items()},
+        "ratio_to_step_by_workers": {w: common.significant(rate / step_rate) for w, rate in pipeline.items()},
         **common.machine_description(),
     }
 

@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> dict:
         "devices": step["devices"],
         "loop_samples_per_s": round(loop_rate, 2),
         "step_samples_per_s": step["samples_per_s"],
-        "ratio": round(loop_rate / step["samples_per_s"], 3),
+        "ratio": common.significant(loop_rate / step["samples_per_s"]),
         **common.machine_description(),
     }
 

@@ -166,9 +166,9 @@ def time_step(args: argparse.Namespace, mesh=None) -> dict:
         "matmul_precision": args.matmul_precision,
         "compile_s": round(compile_s, 3),
         "step_ms": round(1e3 * seconds / args.steps, 3),
-        "samples_per_s": round(args.batch_size * args.steps / seconds, 2),
-        "step_gflop": round(step_flops / 1e9, 4),
-        "gflops_per_s": round(step_flops * args.steps / seconds / 1e9, 3),
+        "samples_per_s": common.significant(args.batch_size * args.steps / seconds, 5),
+        "step_gflop": common.significant(step_flops / 1e9, 6),
+        "gflops_per_s": common.significant(step_flops * args.steps / seconds / 1e9, 5),
         "final_loss": float(metrics["loss"]),
     }
 
@@ -180,9 +180,9 @@ def compare_with_peaks(result: dict, peaks: dict[str, float]) -> dict:
     return dict(
         result,
         matmul_gflops_per_s={name: round(peak, 3) for name, peak in peaks.items()},
-        ratio_to_matmul={name: round(rate / peak, 4) for name, peak in peaks.items()},
+        ratio_to_matmul={name: common.significant(rate / peak) for name, peak in peaks.items()},
         mfu_peak=mfu_peak,
-        mfu=round(rate / peaks[mfu_peak], 4),
+        mfu=common.significant(rate / peaks[mfu_peak]),
     )
 
 
@@ -193,7 +193,7 @@ def compare_with_torch_peer(result: dict, args: argparse.Namespace, backend: str
     return dict(
         result,
         torch_peer=peer,
-        ratio_to_torch_peer=round(result["samples_per_s"] / peer["samples_per_s"], 4),
+        ratio_to_torch_peer=common.significant(result["samples_per_s"] / peer["samples_per_s"]),
         # The peer script runs the default model only (T=250, GRU 512, queue 8192, full objective).
         torch_peer_same_model=((args.window_length, args.hidden_dim, args.queue_size) == (WINDOW_LENGTH, 512, 8192)
                                and not args.config_override),
