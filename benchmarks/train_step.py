@@ -18,7 +18,10 @@ matmuls use (bfloat16 for --compute-dtype bfloat16, else float32 at --matmul-pre
 With --torch-peer PATH (a PyTorch step script that takes --batch-size, --steps, --device and
 --amp and prints a JSON line with samples_per_s, such as the project's peer torch_step.py), that
 script is run in a subprocess right after ours at the same B, on the same device kind, with
---amp for bfloat16, and the ratio ours / peer is reported. The last line is a JSON object.
+--amp for bfloat16, and the ratio ours / peer is reported. With --rounds R > 1 the two are
+interleaved: R rounds of (our --steps steps, then the peer's), reporting each round's rates and
+ratio and their medians, so that a host whose speed drifts during the run (a shared machine)
+moves both sides of each ratio alike. The last line is a JSON object.
 """
 from __future__ import annotations
 
@@ -54,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a PyTorch step script to run at the same B after ours (needs torch)")
     parser.add_argument("--torch-peer-steps", type=int, default=0,
                         help="timed steps of the torch peer; 0 uses --steps")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="timed rounds of --steps steps (interleaved with the peer's); medians are reported")
     common.add_device_arguments(parser)
     return parser
 
@@ -125,8 +130,13 @@ def run_torch_peer(path: str, batch_size: int, steps: int, bfloat16: bool, backe
     return result
 
 
-def time_step(args: argparse.Namespace, mesh=None) -> dict:
-    """Compiles and times the step on `mesh` (default: every device); the record without the peaks."""
+def compile_step(args: argparse.Namespace, mesh=None):
+    """Compiles the step on `mesh` (default: every device) and runs it once.
+
+    Returns (time_steps, record): time_steps() runs `args.steps` steps as one dispatch stream
+    ending in a single block and returns (seconds, the last step's metrics); record holds the
+    fields that do not depend on the timing (batch, devices, dtypes, compile time, FLOPs).
+    """
     import jax
 
     from primus_jax import flops, train
@@ -152,12 +162,16 @@ def time_step(args: argparse.Namespace, mesh=None) -> dict:
 
     state, metrics = compiled(state, batch)  # warm-up: first run allocates the donated buffers
     jax.block_until_ready((state, metrics))
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        state, metrics = compiled(state, batch)
-    jax.block_until_ready((state, metrics))
-    seconds = time.perf_counter() - start
-    return {
+
+    def time_steps():
+        nonlocal state, metrics
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            state, metrics = compiled(state, batch)
+        jax.block_until_ready((state, metrics))
+        return time.perf_counter() - start, metrics
+
+    record = {
         "benchmark": "train_step",
         "batch_size": args.batch_size,
         "steps": args.steps,
@@ -165,12 +179,27 @@ def time_step(args: argparse.Namespace, mesh=None) -> dict:
         "compute_dtype": args.compute_dtype,
         "matmul_precision": args.matmul_precision,
         "compile_s": round(compile_s, 3),
-        "step_ms": round(1e3 * seconds / args.steps, 3),
-        "samples_per_s": common.significant(args.batch_size * args.steps / seconds, 5),
         "step_gflop": common.significant(step_flops / 1e9, 6),
-        "gflops_per_s": common.significant(step_flops * args.steps / seconds / 1e9, 5),
-        "final_loss": float(metrics["loss"]),
     }
+    return time_steps, record
+
+
+def timing_fields(record: dict, seconds: float, metrics) -> dict:
+    """record + the rates of one timed run of record["steps"] steps that took `seconds`."""
+    steps = record["steps"]
+    return dict(
+        record,
+        step_ms=round(1e3 * seconds / steps, 3),
+        samples_per_s=common.significant(record["batch_size"] * steps / seconds, 5),
+        gflops_per_s=common.significant(record["step_gflop"] * steps / seconds, 5),
+        final_loss=float(metrics["loss"]),
+    )
+
+
+def time_step(args: argparse.Namespace, mesh=None) -> dict:
+    """Compiles and times the step once on `mesh` (default: every device); the record without the peaks."""
+    time_steps, record = compile_step(args, mesh)
+    return timing_fields(record, *time_steps())
 
 
 def compare_with_peaks(result: dict, peaks: dict[str, float]) -> dict:
@@ -194,27 +223,62 @@ def compare_with_torch_peer(result: dict, args: argparse.Namespace, backend: str
         result,
         torch_peer=peer,
         ratio_to_torch_peer=common.significant(result["samples_per_s"] / peer["samples_per_s"]),
-        # The peer script runs the default model only (T=250, GRU 512, queue 8192, full objective).
-        torch_peer_same_model=((args.window_length, args.hidden_dim, args.queue_size) == (WINDOW_LENGTH, 512, 8192)
-                               and not args.config_override),
+        torch_peer_same_model=same_model_as_peer(args),
     )
+
+
+def interleaved_rounds(args: argparse.Namespace, mesh) -> dict:
+    """--rounds rounds of (our steps, then the peer's when --torch-peer is given), one process.
+
+    Reports the median round: samples/s (and the fields derived from it) of our median round,
+    the peer's median samples/s, and the median of the per-round ratios ours / peer, with every
+    round's values in *_by_round.
+    """
+    import statistics
+
+    import jax
+
+    time_steps, record = compile_step(args, mesh)
+    rounds, peers = [], []
+    for _ in range(args.rounds):
+        rounds.append(time_steps())
+        if args.torch_peer:
+            peers.append(run_torch_peer(args.torch_peer, args.batch_size, args.torch_peer_steps or args.steps,
+                                        args.compute_dtype == "bfloat16", jax.default_backend()))
+    ours = [timing_fields(record, seconds, metrics) for seconds, metrics in rounds]
+    median_round = sorted(ours, key=lambda r: r["samples_per_s"])[(len(ours) - 1) // 2]
+    result = dict(median_round, rounds=args.rounds, samples_per_s_by_round=[r["samples_per_s"] for r in ours])
+    if args.torch_peer:
+        ratios = [r["samples_per_s"] / p["samples_per_s"] for r, p in zip(ours, peers)]
+        peer_rates = [p["samples_per_s"] for p in peers]
+        result.update(
+            torch_peer=dict(peers[-1], samples_per_s=common.significant(statistics.median(peer_rates), 5)),
+            torch_peer_samples_per_s_by_round=peer_rates,
+            ratio_to_torch_peer=common.significant(statistics.median(ratios)),
+            ratio_to_torch_peer_by_round=[common.significant(ratio) for ratio in ratios],
+            torch_peer_same_model=same_model_as_peer(args),
+        )
+    return result
+
+
+def same_model_as_peer(args: argparse.Namespace) -> bool:
+    """Whether our step is the model the peer runs (default T=250, GRU 512, queue 8192, full objective)."""
+    return (args.window_length, args.hidden_dim, args.queue_size) == (WINDOW_LENGTH, 512, 8192) and not args.config_override
 
 
 def run(args: argparse.Namespace) -> dict:
     """Times the step, the matmul peaks and (with --torch-peer) the peer; returns the result record."""
-    import jax
-
     from primus_jax import train
 
     if args.torch_peer:
         check_torch_peer(args.torch_peer)
+    if args.rounds < 1:
+        raise ValueError(f"--rounds must be positive, got {args.rounds}")
     mesh = train.make_mesh()
-    result = time_step(args, mesh)
+    result = interleaved_rounds(args, mesh)
     names = dict.fromkeys(common.MATMUL_PEAKS + (common.peak_name(args.compute_dtype, args.matmul_precision),))
     result = compare_with_peaks(result, common.matmul_peaks(mesh, args.matmul_size, names))
     result["matmul_size"] = args.matmul_size
-    if args.torch_peer:
-        result = compare_with_torch_peer(result, args, jax.default_backend())
     return {**result, **common.machine_description()}
 
 
@@ -235,6 +299,12 @@ def summary(result: dict) -> list[str]:
         caveat = "" if result["torch_peer_same_model"] else " (NOT the same model: ours was shrunk by the arguments)"
         lines.append(f"torch peer: {peer['samples_per_s']:.1f} samples/s; ours / peer = "
                      f"{result['ratio_to_torch_peer']:.2f}{caveat}")
+    if result.get("rounds", 1) > 1:
+        lines.append("rounds (ours samples/s" + (", peer, ratio" if "torch_peer" in result else "") + "): " + "; ".join(
+            " / ".join(f"{value:.2f}" for value in values)
+            for values in zip(*(result[key] for key in ("samples_per_s_by_round", "torch_peer_samples_per_s_by_round",
+                                                         "ratio_to_torch_peer_by_round") if key in result))))
+        lines.append(f"medians over {result['rounds']} rounds are reported above")
     return lines
 
 

@@ -55,6 +55,26 @@ def test_train_step_benchmark_reports_rates_flops_peaks_and_the_peer(capsys, tmp
     assert result["torch_peer_same_model"] is False
 
 
+def test_train_step_benchmark_interleaves_rounds_with_the_peer_and_reports_medians(capsys, tmp_path):
+    peer = tmp_path / "peer_step.py"
+    peer.write_text(PEER_SCRIPT)
+    code = train_step.main([
+        "--batch-size", "8", "--steps", "2", "--hidden-dim", "32", "--queue-size", "64", "--window-length", "128",
+        "--matmul-size", "64", "--rounds", "3", "--torch-peer", str(peer)])
+    assert code == 0
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    rates = result["samples_per_s_by_round"]
+    assert result["rounds"] == 3 and len(rates) == 3 and all(rate > 0 for rate in rates)
+    assert result["samples_per_s"] == sorted(rates)[1]  # the median round's record
+    assert result["torch_peer_samples_per_s_by_round"] == [4.0, 4.0, 4.0]
+    assert result["ratio_to_torch_peer_by_round"] == [pytest.approx(rate / 4.0, rel=1e-3) for rate in rates]
+    assert result["ratio_to_torch_peer"] == pytest.approx(sorted(rates)[1] / 4.0, rel=1e-3)
+    assert "medians over 3 rounds" in out
+    assert train_step.main(["--batch-size", "8", "--rounds", "0"]) == 1
+    assert "--rounds must be positive" in capsys.readouterr().err
+
+
 def test_train_step_benchmark_rejects_a_bad_override(capsys):
     code = train_step.main(["--batch-size", "8", "--steps", "1", "--config-override", "objective.no_such=1"])
     assert code == 1
