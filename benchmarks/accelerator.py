@@ -7,7 +7,8 @@ Measured, in one process, on the default device (every device of the mesh for th
   and 4096) in each of --dtypes (float32 at --matmul-precision, and bfloat16): samples/s,
   achieved TFLOP/s from the analytic count (`primus_jax.flops`) and MFU;
 - forward + backward of the encoder's parts over --parts-windows windows (default 8192, the two
-  views of B = 4096; `benchmarks.encoder_parts`): the conv stack, the GRU, the whole encoder;
+  views of B = 4096; `benchmarks.encoder_parts`): the conv stack, the GRU, the GRU's matmuls
+  alone (its floor) and the whole encoder;
 - the matmul peaks (--matmul-size square matmuls: float32 `highest`, float32 `default`, bfloat16);
 - with --torch-peer, that PyTorch step at the same B (`--device cuda` on a GPU, `--amp` for bfloat16).
 
@@ -126,7 +127,8 @@ def table(result: dict) -> list[str]:
             rows.setdefault(f"step B={b}: torch peer samples/s (ours / peer)", {})[dtype] = (
                 f"{step['torch_peer']['samples_per_s']:,.0f} ({step['ratio_to_torch_peer']:.2f})")
     for dtype, times in result["parts"].items():
-        for part, label in (("conv_stack_ms", "conv stack"), ("gru_ms", "GRU"), ("encoder_ms", "whole encoder")):
+        for part, label in (("conv_stack_ms", "conv stack"), ("gru_ms", "GRU"), ("gru_matmuls_ms", "GRU matmuls alone"),
+                            ("encoder_ms", "whole encoder")):
             rows.setdefault(f"{label} fwd+bwd, {result['parts_windows']} windows: ms", {})[dtype] = f"{times[part]:.3g}"
     peaks = result["matmul_gflops_per_s"]
     float32_peaks = ", ".join(f"{name.split('_', 1)[1]} {rate / 1e3:.3g}"

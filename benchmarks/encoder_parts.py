@@ -6,7 +6,11 @@ Each part is jitted as the gradient of sum(output * c) for a fixed random cotang
 respect to its params and (for the GRU, whose input carries gradients in training) its input:
 - conv stack: `IMUEncoder.conv_features`, GroupNorm .. feature_norm, (N, T, 6) -> (N, 32, 32);
 - GRU: `IMUEncoder.embed`, input projection and recurrence, (N, 32, 32) -> (N, hidden_dim);
-- encoder: the whole `IMUEncoder` with its ssl and mmcl heads.
+- encoder: the whole `IMUEncoder` with its ssl and mmcl heads;
+- GRU matmuls alone (`gru_matmul_floor`): the GRU's forward and backward matmuls in the same
+  loops, shapes and dtype, with the gate arithmetic and the residual writes taken out. It is the
+  floor under the GRU's time on this backend; gru_matmul_share = gru_matmuls_ms / gru_ms says how
+  much of the GRU is its matmuls and how much the rest.
 N windows is `--batch-windows` (a train step at batch B encodes 2B windows: two views). Times
 are the best of `--repeats` calls after a warm-up call, in ms. On CPU, when torch is importable
 and the dtype is float32, the same parts of a torch encoder (GroupNorm, Conv1d, MaxPool1d,
@@ -45,6 +49,55 @@ def _best_ms(call, repeats: int) -> float:
     return round(1e3 * min(common.time_calls(call, repeats)), 3)
 
 
+def gru_matmul_floor(inputs, input_kernel, kernel, hidden_t, gate_grads, dtype, unroll=1):
+    """The matmuls of `models.gru_recurrence`'s forward and backward, alone: the GRU's floor.
+
+    inputs (S, N, D) time-major, input_kernel (D, 3H) = W_ih^T, kernel (H, 3H) = W_hh^T;
+    hidden_t (S - 1, H, N) and gate_grads (S - 1, N, 3H) stand in for what the real GRU computes
+    and stores per step (h_{t-1}^T and the gate gradients g_t), so that only matmuls remain:
+        forward   p_1 = x_1 W_ih^T;  t = 2..S:  p_t = x_t W_ih^T + h_{t-1} W_hh^T,  h_t = p_t[:, :H]
+        backward  t = S..2:  dW_ih^T += x_t^T g_t,  dW_hh^T += h_{t-1}^T g_t,
+                             dh_{t-1} = dh_t + g_t W_hh,  dx_t = g_t W_ih;
+                  then dW_ih^T += x_1^T g_2 and dx_1 = g_2 W_ih for step 1
+    in the same loops (lax.scan with `unroll`), operand layouts and `dtype` (accumulated in
+    float32) as the custom VJP: S matmuls (N, D) x (D, 3H) and S - 1 (N, H) x (H, 3H) forward, twice that backward, the
+    count of `flops.encoder_layer_flops`' GRU rows. The first H columns of p_t carry the recurrence
+    (one (N, H) slice per step). Returns (h_S, dh_1, dW_ih^T, dW_hh^T, dx (S, N, D)), float32.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    hidden = kernel.shape[0]
+    input_kernel, kernel = input_kernel.astype(dtype), kernel.astype(dtype)
+
+    def matmul(a, b):
+        return jnp.dot(a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+
+    def matmul_transposed(a, b):  # a @ b^T
+        return jax.lax.dot_general(a.astype(dtype), b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+    def forward_step(h, x_t):
+        return (matmul(x_t, input_kernel) + matmul(h, kernel))[:, :hidden], None
+
+    h_first = matmul(inputs[0], input_kernel)[:, :hidden]
+    h_last, _ = jax.lax.scan(forward_step, h_first, inputs[1:], unroll=unroll)
+
+    def backward_step(carry, step):
+        dh, grad_input_kernel, grad_kernel = carry
+        x_t, h_prev_t, g = step
+        carry = (dh + matmul_transposed(g, kernel), grad_input_kernel + matmul(x_t, g),
+                 grad_kernel + matmul(h_prev_t, g))
+        return carry, matmul_transposed(g, input_kernel)
+
+    zeros = (jnp.zeros(h_last.shape, jnp.float32), jnp.zeros(input_kernel.shape, jnp.float32),
+             jnp.zeros(kernel.shape, jnp.float32))
+    (dh, grad_input_kernel, grad_kernel), grad_inputs = jax.lax.scan(
+        backward_step, zeros, (jnp.swapaxes(inputs[1:], 1, 2), hidden_t, gate_grads), reverse=True, unroll=unroll)
+    grad_input_kernel = grad_input_kernel + matmul(inputs[0].T, gate_grads[0])
+    grad_first_input = matmul_transposed(gate_grads[0], input_kernel)
+    return h_last, dh, grad_input_kernel, grad_kernel, jnp.concatenate([grad_first_input[None], grad_inputs])
+
+
 def _jax_part_times(batch_windows, dtype, precision, repeats, window_length, hidden_dim, conv_impl, gru_unroll) -> dict:
     import jax
     import jax.numpy as jnp
@@ -78,6 +131,15 @@ def _jax_part_times(batch_windows, dtype, precision, repeats, window_length, hid
         for name, (grad, x) in parts.items():
             compiled = jax.jit(grad).lower(params, x).compile()
             times[name] = _best_ms(lambda: jax.block_until_ready(compiled(params, x)), repeats)
+        gru_params = params["gru"]
+        steps = jnp.transpose(features, (2, 0, 1) if model.gru_over == "channels" else (1, 0, 2)).astype(dtype)
+        hidden_t = jnp.asarray(rng.standard_normal((steps.shape[0] - 1, hidden_dim, batch_windows)), jnp.float32)
+        gate_grads = jnp.asarray(rng.standard_normal((steps.shape[0] - 1, batch_windows, 3 * hidden_dim)), jnp.float32)
+        floor_args = (steps, gru_params["input_proj"]["kernel"], gru_params["cell"]["kernel"], hidden_t, gate_grads)
+        unroll = gru_unroll or models.GRU_UNROLL_BY_BACKEND.get(jax.default_backend(), True)
+        floor = jax.jit(gru_matmul_floor, static_argnums=(5, 6)).lower(*floor_args, jnp.dtype(dtype), unroll).compile()
+        times["gru_matmuls_ms"] = _best_ms(lambda: jax.block_until_ready(floor(*floor_args)), repeats)
+    times["gru_matmul_share"] = common.significant(times["gru_matmuls_ms"] / times["gru_ms"])
     return times
 
 
@@ -115,7 +177,8 @@ def time_encoder_parts(batch_windows: int, dtype: str = "float32", precision: st
                        gru_unroll: int = 0, with_torch: bool = True) -> dict:
     """ms of forward + backward for the conv stack, the GRU and the whole encoder over N windows.
 
-    Returns {"conv_stack_ms", "gru_ms", "encoder_ms"} for ours and, on CPU with torch importable
+    Returns {"conv_stack_ms", "gru_ms", "encoder_ms", "gru_matmuls_ms", "gru_matmul_share"} for
+    ours (see `gru_matmul_floor`) and, on CPU with torch importable
     and dtype float32 (unless with_torch is False), {"torch_conv_stack_ms", "torch_gru_ms",
     "torch_encoder_ms"} timed in the same process. dtype "float32" or "bfloat16"; precision one
     of "default", "high", "highest" (jax.default_matmul_precision while tracing); conv_impl is
@@ -165,6 +228,7 @@ def summary(result: dict) -> list[str]:
         if f"torch_{part}_ms" in result:
             line += f"   torch {result[f'torch_{part}_ms']:9.3f} ms"
         lines.append(line)
+    lines.append(f"  GRU matmuls alone {result['gru_matmuls_ms']:9.3f} ms, {result['gru_matmul_share']:.3g} of the GRU's time")
     return lines
 
 

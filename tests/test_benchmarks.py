@@ -174,11 +174,12 @@ def test_accelerator_benchmark_runs_small_on_cpu_and_prints_one_table(tmp_path):
     assert step["samples_per_s"] > 0 and step["mfu_peak"] == "float32_default"
     assert step["mfu"] == pytest.approx(step["gflops_per_s"] / result["matmul_gflops_per_s"]["float32_default"], rel=1e-2)
     assert set(result["matmul_gflops_per_s"]) == {"float32_highest", "float32_default", "bfloat16"}
-    assert all(result["parts"]["float32"][part] > 0 for part in ("conv_stack_ms", "gru_ms", "encoder_ms"))
+    assert all(result["parts"]["float32"][part] > 0 for part in ("conv_stack_ms", "gru_ms", "gru_matmuls_ms", "encoder_ms"))
     table = [line for line in lines if line.startswith("|")]
     assert table[0] == "| measurement | float32 | bfloat16 |"
     assert any(line.startswith("| step B=8: samples/s |") for line in table)
     assert any(line.startswith("| GRU fwd+bwd, 4 windows: ms |") for line in table)
+    assert any(line.startswith("| GRU matmuls alone fwd+bwd, 4 windows: ms |") for line in table)
     assert any(line.startswith("| matmul peak 128^2: TFLOP/s |") for line in table)
 
 
