@@ -23,9 +23,11 @@ with (S, D) = (C, P) for gru_over="channels" (the reference steps over the conv 
 (P, C) for "time". GroupNorm and the max-pools have no matmul and count 0.
 
 Backward: each matmul's reverse pass costs one forward-sized matmul per operand that needs a
-cotangent. Every encoder matmul has a weight and an input that depends on parameters (even conv1:
-its input is the output of the input GroupNorm, whose scale and bias are trained), so it costs
-2x its forward; the adaptive pool's matrix is constant, so it costs 1x. The GRU's hidden backward
+cotangent. Every encoder matmul but conv1 has a weight and an input that depends on parameters,
+so it costs 2x its forward; the adaptive pool's matrix is constant, so it costs 1x. conv1's
+input is the normalised data times the input GroupNorm's trained scale plus its bias, and its
+VJP (`models.affine_dilated_conv1d`) gets those params' gradients from the kernel gradient
+without a convolution into the input, so conv1 costs 1x too. The GRU's hidden backward
 (the custom VJP of `models.gru_recurrence`) is S - 1 matmuls for dh_{t-1}, t = 2..S (h_0 is a
 constant), plus S - 1 (H, B) x (B, 3H) matmuls accumulating dW_hh: 2x its forward too.
 
@@ -75,7 +77,7 @@ def encoder_layer_flops(model_config: ml_collections.ConfigDict, window_length: 
     k1, k2, k3 = models.CONV_KERNELS
     steps, features = (c, p) if model_config.gru_over == "channels" else (p, c)
     return {
-        "conv1": (2.0 * l1 * c * models.INPUT_CHANNELS * k1, 2),
+        "conv1": (2.0 * l1 * c * models.INPUT_CHANNELS * k1, 1),
         "conv2": (2.0 * l3 * c * c * k2, 2),
         "conv3": (2.0 * l5 * c * c * k3, 2),
         "adaptive_pool": (2.0 * l5 * p * c, 1),

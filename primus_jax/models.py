@@ -173,6 +173,83 @@ def _max_pool_floor_bwd(size, saved, grad_pooled):
 max_pool_floor.defvjp(_max_pool_floor_fwd, _max_pool_floor_bwd)
 
 
+def _dilated_conv1d(x, kernel, dilation: int, impl: str):
+    """VALID dilated 1-D convolution x (B, L, C_in), kernel (k, C_in, C_out) -> (B, L - d(k-1), C_out).
+
+    impl "matmul" is `dilated_conv1d_matmul`, "xla" lax.conv_general_dilated (as nn.Conv).
+    """
+    if impl == "matmul":
+        return dilated_conv1d_matmul(x, kernel, dilation)
+    return jax.lax.conv_general_dilated(
+        x, kernel, window_strides=(1,), padding="VALID", rhs_dilation=(dilation,),
+        dimension_numbers=("NWC", "WIO", "NWC"),
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def affine_dilated_conv1d(x_hat, scale, bias, kernel, dilation: int, impl: str, dtype_name: str):
+    """conv(x_hat * scale + bias, kernel): a per-channel affine map, then `_dilated_conv1d`.
+
+    x_hat (B, L, C_in) float32, scale and bias (C_in,), kernel (k, C_in, C_out), float32; the
+    affine output and the convolution are in `dtype_name`. This is the input GroupNorm's affine
+    step fused with conv1, for a VJP that skips the convolution's input gradient when x_hat is
+    not being differentiated (in training x_hat is the normalised data). With g = dL/dout,
+    G[j, c, o] = sum_{b, l} x_hat[b, l + d j, c] g[b, l, o] (the kernel gradient of conv(x_hat))
+    and s[o] = sum_{b, l} g[b, l, o], the VALID convolution gives
+        dkernel[j, c, o] = scale[c] G[j, c, o] + bias[c] s[o],
+        dscale[c] = sum_{j, o} kernel[j, c, o] G[j, c, o],
+        dbias[c] = sum_{j, o} kernel[j, c, o] s[o],
+    and dx_hat = scale * conv^T(g) only when x_hat is perturbed.
+    """
+    y = (x_hat * scale + bias).astype(dtype_name)
+    return _dilated_conv1d(y, kernel.astype(dtype_name), dilation, impl)
+
+
+def _affine_dilated_conv1d_fwd(x_hat, scale, bias, kernel, dilation, impl, dtype_name):
+    out = affine_dilated_conv1d(x_hat.value, scale.value, bias.value, kernel.value, dilation, impl, dtype_name)
+    return out, ((x_hat.value, scale.value, bias.value, kernel.value), x_hat.perturbed)
+
+
+def _affine_dilated_conv1d_bwd(dilation, impl, dtype_name, saved, grad_out):
+    (x_hat, scale, bias, kernel), x_hat_perturbed = saved
+    kernel_low = kernel.astype(dtype_name)
+    _, kernel_vjp = jax.vjp(lambda k: _dilated_conv1d(x_hat.astype(dtype_name), k, dilation, impl), kernel_low)
+    g_x_hat = kernel_vjp(grad_out.astype(dtype_name))[0].astype(jnp.float32)  # G (k, C_in, C_out)
+    g_sum = grad_out.astype(jnp.float32).sum(axis=(0, 1))  # s (C_out,)
+    grad_kernel = scale[None, :, None] * g_x_hat + bias[None, :, None] * g_sum
+    grad_scale = jnp.einsum("jco,jco->c", kernel, g_x_hat)
+    grad_bias = jnp.einsum("jco,o->c", kernel, g_sum)
+    grad_x_hat = None
+    if x_hat_perturbed:
+        y = (x_hat * scale + bias).astype(dtype_name)
+        _, input_vjp = jax.vjp(lambda v: _dilated_conv1d(v, kernel_low, dilation, impl), y)
+        grad_x_hat = (input_vjp(grad_out.astype(dtype_name))[0].astype(jnp.float32) * scale).astype(x_hat.dtype)
+    return grad_x_hat, grad_scale, grad_bias, grad_kernel.astype(kernel.dtype)
+
+
+affine_dilated_conv1d.defvjp(_affine_dilated_conv1d_fwd, _affine_dilated_conv1d_bwd, symbolic_zeros=True)
+
+
+class InputGroupNorm(nn.Module):
+    """torch's GroupNorm(num_groups, C) on (B, T, C), split: returns (x_hat, (scale, bias)).
+
+    x_hat is the float32 normalisation (each sample's channel group to mean 0, variance 1, with
+    epsilon); the affine step x_hat * scale + bias is left to conv1 (`affine_dilated_conv1d`), so
+    that the backward pass needs no input gradient of conv1. Params `scale` (C,) = 1 and
+    `bias` (C,) = 0 at init, named as nn.GroupNorm's.
+    """
+
+    num_groups: int
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+        bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
+        x_hat = nn.GroupNorm(num_groups=self.num_groups, epsilon=self.epsilon, use_scale=False, use_bias=False)(x)
+        return x_hat.astype(jnp.float32), (scale, bias)
+
+
 class DilatedConv1D(nn.Module):
     """torch's Conv1d(C_in, features, kernel_size, dilation, bias=False) on channels-last (B, L, C_in).
 
@@ -187,18 +264,17 @@ class DilatedConv1D(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, input_affine=None):
+        """conv(x), or conv(x * scale + bias) for input_affine = (scale, bias) (`affine_dilated_conv1d`)."""
         fan_in = x.shape[-1] * self.kernel_size
         kernel = self.param(
             "kernel", torch_uniform(1.0 / np.sqrt(fan_in)), (self.kernel_size, x.shape[-1], self.features)
         )
-        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-        if resolve_conv_impl(self.impl, jax.default_backend()) == "matmul":
-            return dilated_conv1d_matmul(x, kernel, self.dilation)
-        return jax.lax.conv_general_dilated(
-            x, kernel, window_strides=(1,), padding="VALID", rhs_dilation=(self.dilation,),
-            dimension_numbers=("NWC", "WIO", "NWC"),
-        )
+        impl = resolve_conv_impl(self.impl, jax.default_backend())
+        if input_affine is not None:
+            scale, bias = input_affine
+            return affine_dilated_conv1d(x, scale, bias, kernel, self.dilation, impl, jnp.dtype(self.dtype).name)
+        return _dilated_conv1d(x.astype(self.dtype), kernel.astype(self.dtype), self.dilation, impl)
 
 
 def _gru_gates(x_proj, h_proj, h):
@@ -409,7 +485,7 @@ class IMUEncoder(nn.Module):
     def setup(self):
         # torch's GroupNorm on (B, C, T) normalises each group over (C/G x T): on channels-last
         # Flax's GroupNorm reduces over every non-batch axis within a channel group, the same set.
-        self.input_norm = nn.GroupNorm(num_groups=2, epsilon=1e-5, dtype=self.dtype)
+        self.input_norm = InputGroupNorm(num_groups=2, epsilon=1e-5)
         self.conv1, self.conv2, self.conv3 = (
             DilatedConv1D(self.conv_channels, kernel, CONV_DILATION, self.conv_impl, self.dtype)
             for kernel in CONV_KERNELS
@@ -430,7 +506,8 @@ class IMUEncoder(nn.Module):
             raise ValueError(
                 f"IMUEncoder needs at least {min_input_length()} time steps per window, got {x.shape[1]}"
             )
-        x = max_pool_floor(self.conv1(self.input_norm(x)), POOL_SIZE)
+        x_hat, input_affine = self.input_norm(x)
+        x = max_pool_floor(self.conv1(x_hat, input_affine), POOL_SIZE)
         x = max_pool_floor(self.conv2(x), POOL_SIZE)
         x = self.conv3(x)
         pool = jnp.asarray(adaptive_avg_pool_matrix(x.shape[1], self.pooled_length), self.dtype)

@@ -1,6 +1,7 @@
 """The encoder's fast formulations equal the plain ones: the GRU's custom VJP against autodiff
 through a step loop (and float64 numpy), the im2col convolution against XLA's convolution, the
-the custom-VJP max-pool against nn.max_pool; forward and gradients, and the param tree unchanged.
+custom-VJP max-pool against nn.max_pool, the input GroupNorm's affine step fused into conv1
+against nn.GroupNorm then a convolution; forward and gradients, and the param tree unchanged.
 
 Matmuls run at "highest" precision so that float32 comparisons hold on CPU, GPU and TPU alike;
 differently compiled float32 programs then agree to ~1e-6 relative, checked at 1e-5.
@@ -14,6 +15,7 @@ import pytest
 
 from primus_jax.models import (
     IMUEncoder,
+    affine_dilated_conv1d,
     dilated_conv1d_matmul,
     gru_recurrence,
     max_pool_floor,
@@ -138,6 +140,50 @@ def test_matmul_convolution_equals_xla_convolution(length, kernel_size, channels
         for name, got, expected in zip(("x", "kernel"), cotangent_grads(matmul, cotangent, x, kernel),
                                        cotangent_grads(xla, cotangent, x, kernel)):
             assert_close(got, expected, name=name)
+
+
+@pytest.mark.parametrize("impl", ["xla", "matmul"])
+def test_affine_conv_vjp_equals_autodiff_of_groupnorm_then_conv(impl):
+    """Params' gradients without conv1's input gradient; the input's gradient when it is asked for."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(3, 40, 6)).astype(np.float32) + np.float32(9.81) * (np.arange(6) == 2)
+    scale, bias = rng.normal(1.0, 0.3, 6).astype(np.float32), rng.normal(0.0, 0.3, 6).astype(np.float32)
+    kernel = rng.normal(size=(10, 6, 4)).astype(np.float32)
+    cotangent = rng.normal(size=(3, 22, 4)).astype(np.float32)
+    norm = nn.GroupNorm(num_groups=2, epsilon=1e-5, use_scale=False, use_bias=False)
+
+    def fused(x, scale, bias, kernel):
+        return affine_dilated_conv1d(norm.apply({}, x), scale, bias, kernel, 2, impl, "float32")
+
+    def plain(x, scale, bias, kernel):
+        y = nn.GroupNorm(num_groups=2, epsilon=1e-5).apply({"params": {"scale": scale, "bias": bias}}, x)
+        return jax.lax.conv_general_dilated(y, kernel, (1,), "VALID", rhs_dilation=(2,),
+                                            dimension_numbers=("NWC", "WIO", "NWC"))
+
+    names = ("x", "scale", "bias", "kernel")
+    with jax.default_matmul_precision("highest"):
+        assert_close(jax.jit(fused)(x, scale, bias, kernel), jax.jit(plain)(x, scale, bias, kernel))
+        for name, got, expected in zip(names, cotangent_grads(fused, cotangent, x, scale, bias, kernel),
+                                       cotangent_grads(plain, cotangent, x, scale, bias, kernel)):
+            assert_close(got, expected, name=name)  # x perturbed: its gradient is computed
+        params_only = [jax.jit(jax.grad(lambda *p, f=f: jnp.vdot(f(x, *p), cotangent), argnums=(0, 1, 2)))(
+            scale, bias, kernel) for f in (fused, plain)]
+        for name, got, expected in zip(names[1:], *params_only):
+            assert_close(got, expected, name=name)
+
+
+def test_affine_conv_skips_conv1s_input_gradient_when_only_params_are_differentiated():
+    """The point of the fused VJP: a training step's backward has no convolution into the input."""
+    x = jnp.zeros((2, 40, 6), jnp.float32)
+    kernel, affine = jnp.ones((10, 6, 4)), jnp.ones(6)
+
+    def loss(scale, bias, kernel, x):
+        return affine_dilated_conv1d(x, scale, bias, kernel, 2, "xla", "float32").sum()
+
+    params_only = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(affine, affine, kernel, x).as_text()
+    with_input = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))).lower(affine, affine, kernel, x).as_text()
+    assert params_only.count("stablehlo.convolution") == 2  # forward, kernel gradient
+    assert with_input.count("stablehlo.convolution") == 3  # and the input gradient
 
 
 def test_max_pool_equals_nn_max_pool_and_routes_gradients_to_the_first_max():
