@@ -72,13 +72,23 @@ def _require_batch(queue: NNQueue, imu, text, video, has_text, has_video, functi
             )
 
 
-def _similarity_if_needed(needed: jax.Array, query: jax.Array, buffer: jax.Array) -> jax.Array:
-    """(B, S) cosines norm(query) buffer^T of B query rows with S stored unit rows, or zeros
-    (skipping the matmul) when no entry of `needed` (B, 1) is True."""
+def _nearest(query: jax.Array, buffer: jax.Array, eligible: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(index, valid), each (B,): j*_b = argmax_j {C_bj : E_j} of the cosines C = norm(query) buffer^T
+    of B query rows with S stored unit rows, among the eligible slots E (S,) bool; valid is whether
+    any slot is eligible (index 0 where not)."""
+    similarity = l2_normalize(query) @ buffer.T
+    index = jnp.argmax(jnp.where(eligible[None, :], similarity, -jnp.inf), axis=1)
+    valid = jnp.broadcast_to(jnp.any(eligible), index.shape)
+    return jnp.where(valid, index, 0).astype(jnp.int32), valid
+
+
+def _nearest_if_needed(needed: jax.Array, query: jax.Array, buffer: jax.Array, eligible: jax.Array):
+    """`_nearest`, or (0, False) for every row (skipping the matmul) when no entry of `needed` (B,) is True."""
+    batch = query.shape[0]
     return jax.lax.cond(
         jnp.any(needed),
-        lambda: l2_normalize(query) @ buffer.T,
-        lambda: jnp.zeros((query.shape[0], buffer.shape[0]), jnp.result_type(query, buffer)),
+        lambda: _nearest(query, buffer, eligible),
+        lambda: (jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), bool)),
     )
 
 
@@ -98,10 +108,12 @@ def lookup(
     video; else, with text, by text against filled slots with text; else by IMU against all
     filled slots. retrieve_by="imu": every sample by IMU (the reference does so at alpha = 1).
 
-    Computed as (B, S) similarity matmuls C_m = norm(q_m) Q_m^T, a per-sample choice of one of
-    them with its (B, S) eligibility mask E, and j*_b = argmax_j {C_bj : E_bj}. A modality's
-    matmul runs only when some sample of the batch retrieves by it (a lax.cond): with
-    retrieve_by="auto" a batch in which every sample has video computes one matmul, not three.
+    Per modality m, a (B, S) similarity matmul C_m = norm(q_m) Q_m^T and the masked argmax
+    j*_m,b = argmax_j {C_m,bj : E_m,j} over its eligible slots E_m (S,); each sample then takes
+    the (B,) index of the modality it retrieves by. A modality's matmul and argmax run only when
+    some sample of the batch retrieves by it (a lax.cond whose other branch returns (B,) fills,
+    so no (B, S) array is built for a skipped modality): with retrieve_by="auto" a batch in which
+    every sample has video computes one matmul, not three.
     Returns {"imu", "text", "video": (B, .) neighbour rows, "has_text", "has_video": (B,) its
     flags, "valid": (B,) at least one eligible slot, "index": (B,) int32 j*}. Where valid is
     False the rows are zero, the flags False and the index 0 (an empty queue gives no neighbours).
@@ -109,26 +121,17 @@ def lookup(
     if retrieve_by not in RETRIEVAL_MODES:
         raise ValueError(f"retrieve_by must be one of {RETRIEVAL_MODES}, got {retrieve_by!r}.")
     _require_batch(queue, imu, text, video, has_text, has_video, "lookup")
-    imu_eligible = jnp.broadcast_to(queue.filled, (imu.shape[0], queue.size))
     if retrieve_by == "imu":
-        similarity, eligible = l2_normalize(imu) @ queue.imu.T, imu_eligible
+        index, valid = _nearest(imu, queue.imu, queue.filled)
     else:
-        by_video = has_video[:, None]
-        by_text = (has_text & ~has_video)[:, None]
+        by_video = has_video
+        by_text = has_text & ~has_video
         by_imu = ~(by_video | by_text)
-        similarity = jnp.where(
-            by_video,
-            _similarity_if_needed(by_video, video, queue.video),
-            jnp.where(by_text, _similarity_if_needed(by_text, text, queue.text),
-                      _similarity_if_needed(by_imu, imu, queue.imu)),
-        )
-        eligible = jnp.where(
-            by_video,
-            (queue.filled & queue.has_video)[None, :],
-            jnp.where(by_text, (queue.filled & queue.has_text)[None, :], imu_eligible),
-        )
-    valid = jnp.any(eligible, axis=1)
-    index = jnp.where(valid, jnp.argmax(jnp.where(eligible, similarity, -jnp.inf), axis=1), 0).astype(jnp.int32)
+        video_index, video_valid = _nearest_if_needed(by_video, video, queue.video, queue.filled & queue.has_video)
+        text_index, text_valid = _nearest_if_needed(by_text, text, queue.text, queue.filled & queue.has_text)
+        imu_index, imu_valid = _nearest_if_needed(by_imu, imu, queue.imu, queue.filled)
+        index = jnp.where(by_video, video_index, jnp.where(by_text, text_index, imu_index))
+        valid = jnp.where(by_video, video_valid, jnp.where(by_text, text_valid, imu_valid))
 
     def gather(rows):
         picked = rows[index]
