@@ -12,8 +12,9 @@ pools and the augmentation (~100 per input sample), Adam (~15 per parameter); ab
 step at B=64, T=250, under +1% of the encoder forward. (Differentiated through the loop, JAX
 would skip the cotangent of the GRU's zero initial state, -0.9% of the step; the GRU's custom
 VJP computes it, as the analytic count assumes.)
-Measured with jax 0.10.2: XLA / analytic = 1.0064 for the step, 1.0062 for the eval step and
-1.0059 for the encoder forward. So the step must agree within 2%: that catches a wrong GRU
+Measured with jax 0.10.2: XLA / analytic = 1.0077 for the step, 1.0073 for the eval step and
+1.0059 for the encoder forward (1.0064 and 1.0062 before conv1's backward lost its input
+gradient). So the step must agree within 2%: that catches a wrong GRU
 (88% of the step), look-up (7%), backward multiplier or info_nce count; the small layers (conv1
 1.5%, conv2 1.2%, conv3 0.25% of the step) are checked on an encoder whose convs dominate.
 """
