@@ -9,6 +9,7 @@ through 32 GRU steps and a 512-wide head the gap measured on 37 windows was 0.9-
 scale (T = 250 and 1000, torch and onnxruntime), so 1e-4 leaves two orders of magnitude for other
 CPUs' vector widths, while a wrong layout, gate order or pooling window gives unrelated numbers.
 """
+import json
 import sys
 
 import jax
@@ -165,3 +166,16 @@ def test_export_without_torch_names_the_extra(tmp_path, capsys, monkeypatch, tar
     assert export.main(["--encoder", encoder_dir, "--to", target, "--out", str(out)]) == 1
     assert "needs torch: pip install 'primus_jax[torch]'" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_onnx_benchmark_reports_sizes_and_latencies_of_both_gru_forms(tmp_path, capsys):
+    from benchmarks import onnx_export
+
+    encoder_dir = write_export(tmp_path / "export", 150, hidden_dim=16, conv_channels=8, ssl_dim=8, mm_dim=8)
+    assert onnx_export.main(["--encoder", encoder_dir, "--batch-sizes", "1", "3", "--repeats", "1"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    loop, unrolled = result["models"]["loop"], result["models"]["unrolled"]
+    assert result["window_length"] == 150 and loop["nodes"] < unrolled["nodes"]
+    for record in (loop, unrolled, result["models"]["jax_load_encoder"]):
+        assert set(record["ms_per_window"]) == {"1", "3"} and min(record["ms_per_window"].values()) > 0
+    assert loop["size_bytes"] > 0 and unrolled["size_bytes"] > 0

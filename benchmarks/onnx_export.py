@@ -1,0 +1,147 @@
+"""Size on disk and onnxruntime latency of the ONNX encoder, with the GRU as one ONNX GRU node or unrolled.
+
+    python -m benchmarks.onnx_export [--encoder DIR] [--window-length 250] [--batch-sizes 1 64]
+                                     [--threads 1] [--repeats 50]
+
+The encoder is the export at --encoder, or the reference `IMUEncoder()` with random weights at
+--window-length (the weights do not change the graph or its cost). Two ONNX models are built:
+- loop: `primus_jax.export.onnx_model_bytes`, what `python -m primus_jax.export --to onnx` writes;
+  the GRU is one ONNX GRU node, which loops over its 32 steps inside onnxruntime;
+- unrolled: the same module with the GRU written as 32 copies of its cell (MatMul, Sigmoid, Tanh
+  per step), as a tracer that unrolls the recurrence would emit it.
+Both must give the same features (checked to 1e-4 of their scale before timing). For each model
+and each batch size N, onnxruntime (CPU, --threads intra-op threads) runs N windows per call;
+the time per window is the median of --repeats calls after 3 warm-up calls, divided by N.
+`load_encoder`'s jitted JAX encoder is timed the same way in the same run, for comparison.
+The last line printed is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+
+import numpy as np
+
+from benchmarks import common
+
+
+def unrolled_module(model, window_length: int):
+    """`TorchIMUEncoder` whose GRU is traced as S explicit cell steps instead of one nn.GRU call."""
+    import torch
+
+    from primus_jax.torch_encoder import TorchIMUEncoder
+
+    class UnrolledGRUEncoder(TorchIMUEncoder):
+        def forward(self, x):
+            finite = torch.isfinite(x).flatten(1).all(dim=1)
+            features = self.backbone[:5](x.transpose(1, 2))
+            if self.gru_over == "time":
+                features = features.transpose(1, 2)
+            gru = self.backbone[5]
+            hidden = gru.hidden_size
+            input_proj = features @ gru.weight_ih_l0.T + gru.bias_ih_l0  # (N, S, 3H)
+            h = torch.zeros(x.shape[0], hidden, dtype=x.dtype)
+            for step in range(features.shape[1]):
+                x_proj = input_proj[:, step]
+                h_proj = h @ gru.weight_hh_l0.T + gru.bias_hh_l0
+                reset = torch.sigmoid(x_proj[:, :hidden] + h_proj[:, :hidden])
+                update = torch.sigmoid(x_proj[:, hidden:2 * hidden] + h_proj[:, hidden:2 * hidden])
+                candidate = torch.tanh(x_proj[:, 2 * hidden:] + reset * h_proj[:, 2 * hidden:])
+                h = candidate + update * (h - candidate)
+            nan = torch.tensor(float("nan"), dtype=h.dtype)
+            return (torch.where(finite[:, None], self.ssl_head(h), nan),
+                    torch.where(finite[:, None], self.mmcl_head(h), nan), finite)
+
+    return UnrolledGRUEncoder(model, window_length)
+
+
+def unrolled_onnx_bytes(export, opset: int) -> bytes:
+    import io
+    import warnings
+
+    import torch
+
+    window_length = export.meta["window_length"]
+    module = unrolled_module(export.model, window_length).load_params(export.params).eval()
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (torch.zeros(2, window_length, 6),), buffer, dynamo=False, opset_version=opset,
+                          input_names=["imu"], output_names=["ssl", "mmcl", "finite"],
+                          dynamic_axes={name: {0: "N"} for name in ("imu", "ssl", "mmcl", "finite")})
+    return buffer.getvalue()
+
+
+def median_seconds(call, repeats: int) -> float:
+    for _ in range(3):
+        call()
+    return statistics.median(common.time_calls(call, repeats))
+
+
+def run(args: argparse.Namespace) -> dict:
+    import jax
+    import onnx
+    import onnxruntime
+
+    from primus_jax import checkpoint, export, models
+
+    if min(args.batch_sizes) < 1 or args.repeats < 1 or args.threads < 0:
+        raise ValueError("--batch-sizes and --repeats must be positive and --threads at least 0")
+    with tempfile.TemporaryDirectory() as scratch:
+        encoder_dir = args.encoder
+        if encoder_dir is None:
+            encoder_dir = f"{scratch}/export"
+            params = models.IMUEncoder().init(jax.random.key(0), np.zeros((1, args.window_length, 6), np.float32))
+            checkpoint.export_encoder(encoder_dir, params["params"], {}, args.window_length, 50.0)
+        loaded = checkpoint.read_export(encoder_dir)
+        graphs = {"loop": export.onnx_model_bytes(loaded, export.ONNX_OPSET),
+                  "unrolled": unrolled_onnx_bytes(loaded, export.ONNX_OPSET)}
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = args.threads
+        sessions = {name: onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+                    for name, graph in graphs.items()}
+        encoder_fn = checkpoint.load_encoder(encoder_dir, batch_size=max(args.batch_sizes))
+        rng = np.random.default_rng(0)
+        window_length = loaded.meta["window_length"]
+        records = {name: {"size_bytes": len(graph),
+                          "nodes": len(onnx.load_from_string(graph).graph.node),
+                          "ms_per_window": {}} for name, graph in graphs.items()}
+        records["jax_load_encoder"] = {"ms_per_window": {}}
+        for n in args.batch_sizes:
+            x = (rng.normal(0.0, 1.0, (n, window_length, 6)) + [0.0, 9.81, 0.0, 0.0, 0.0, 0.0]).astype(np.float32)
+            outputs = {name: session.run(["mmcl"], {"imu": x})[0] for name, session in sessions.items()}
+            scale = float(np.abs(outputs["loop"]).max())
+            if np.abs(outputs["unrolled"] - outputs["loop"]).max() > 1e-4 * scale:
+                raise ValueError("the unrolled and loop ONNX models disagree; the comparison would be meaningless")
+            for name, session in sessions.items():
+                seconds = median_seconds(lambda: session.run(["mmcl"], {"imu": x}), args.repeats)
+                records[name]["ms_per_window"][str(n)] = common.significant(seconds * 1e3 / n)
+            seconds = median_seconds(lambda: encoder_fn(x), args.repeats)
+            records["jax_load_encoder"]["ms_per_window"][str(n)] = common.significant(seconds * 1e3 / n)
+    return {**common.machine_description(), "window_length": window_length, "threads": args.threads,
+            "onnxruntime": onnxruntime.__version__, "repeats": args.repeats, "models": records}
+
+
+def summary(result: dict) -> list[str]:
+    lines = [f"T = {result['window_length']}, onnxruntime {result['onnxruntime']}, {result['threads']} thread(s), "
+             f"median of {result['repeats']} calls"]
+    for name, record in result["models"].items():
+        size = f"{record['size_bytes'] / 1e6:.2f} MB, {record['nodes']} nodes, " if "size_bytes" in record else ""
+        per_n = ", ".join(f"N={n}: {ms:.3g} ms" for n, ms in record["ms_per_window"].items())
+        lines.append(f"{name:>17}: {size}per window {per_n}")
+    return lines
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.onnx_export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--encoder", help="an export directory (default: the reference model, random weights)")
+    parser.add_argument("--window-length", type=int, default=250, help="T of the random model (default 250)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64], help="windows per call")
+    parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (0: its default)")
+    parser.add_argument("--repeats", type=int, default=50, help="timed calls per measurement")
+    return common.run_cli(parser, run, summary, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
