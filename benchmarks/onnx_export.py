@@ -1,7 +1,7 @@
 """Size on disk and onnxruntime latency of the ONNX encoder, with the GRU as one ONNX GRU node or unrolled.
 
     python -m benchmarks.onnx_export [--encoder DIR] [--window-length 250] [--batch-sizes 1 64]
-                                     [--threads 1] [--repeats 50]
+                                     [--threads 1] [--repeats 20] [--no-jax2onnx]
 
 The encoder is the export at --encoder, or the reference `IMUEncoder()` with random weights at
 --window-length (the weights do not change the graph or its cost). Two ONNX models are built:
@@ -9,16 +9,20 @@ The encoder is the export at --encoder, or the reference `IMUEncoder()` with ran
   the GRU is one ONNX GRU node, which loops over its 32 steps inside onnxruntime;
 - unrolled: the same module with the GRU written as 32 copies of its cell (MatMul, Sigmoid, Tanh
   per step), as a tracer that unrolls the recurrence would emit it.
-Both must give the same features (checked to 1e-4 of their scale before timing). For each model
+- jax2onnx: when the jax2onnx package is importable, the JAX encoder's mmcl output converted
+  straight from JAX (`jax2onnx.to_onnx`; its GRU becomes an ONNX Loop). It is not a dependency:
+  jax2onnx 0.17 pins orbax-checkpoint below 0.11.37, which primus_jax cannot install beside.
+All must give the same features (checked to 1e-4 of their scale before timing). For each model
 and each batch size N, onnxruntime (CPU, --threads intra-op threads) runs N windows per call;
-the time per window is the median of --repeats calls after 3 warm-up calls, divided by N.
-`load_encoder`'s jitted JAX encoder is timed the same way in the same run, for comparison.
+the time per window is the best of --repeats calls after 3 warm-up calls, divided by N (the
+best, not the median, since other processes on a shared machine only ever add time).
+`load_encoder`'s jitted JAX encoder (XLA's own thread pool) is timed the same way, for comparison.
 The last line printed is one JSON object.
 """
 from __future__ import annotations
 
 import argparse
-import statistics
+import functools
 import tempfile
 
 import numpy as np
@@ -73,10 +77,21 @@ def unrolled_onnx_bytes(export, opset: int) -> bytes:
     return buffer.getvalue()
 
 
-def median_seconds(call, repeats: int) -> float:
+def jax2onnx_bytes(export) -> bytes | None:
+    """The export's mmcl function converted by jax2onnx, or None when jax2onnx is not installed."""
+    try:
+        from jax2onnx import to_onnx
+    except ImportError:
+        return None
+    model, params = export.model, export.params
+    return to_onnx(lambda x: model.apply({"params": params}, x)["mmcl"],
+                   [("N", export.meta["window_length"], 6)]).SerializeToString()
+
+
+def best_seconds(call, repeats: int) -> float:
     for _ in range(3):
         call()
-    return statistics.median(common.time_calls(call, repeats))
+    return min(common.time_calls(call, repeats))
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -97,6 +112,8 @@ def run(args: argparse.Namespace) -> dict:
         loaded = checkpoint.read_export(encoder_dir)
         graphs = {"loop": export.onnx_model_bytes(loaded, export.ONNX_OPSET),
                   "unrolled": unrolled_onnx_bytes(loaded, export.ONNX_OPSET)}
+        if args.jax2onnx and (converted := jax2onnx_bytes(loaded)) is not None:
+            graphs["jax2onnx"] = converted
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = args.threads
         sessions = {name: onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
@@ -110,14 +127,18 @@ def run(args: argparse.Namespace) -> dict:
         records["jax_load_encoder"] = {"ms_per_window": {}}
         for n in args.batch_sizes:
             x = (rng.normal(0.0, 1.0, (n, window_length, 6)) + [0.0, 9.81, 0.0, 0.0, 0.0, 0.0]).astype(np.float32)
-            outputs = {name: session.run(["mmcl"], {"imu": x})[0] for name, session in sessions.items()}
+            # ours name their outputs ssl, mmcl, finite; jax2onnx's graph has the one output mmcl
+            run_mmcl = {name: functools.partial(session.run, ["mmcl" if name != "jax2onnx" else session.get_outputs()[0].name],
+                                                {session.get_inputs()[0].name: x})
+                        for name, session in sessions.items()}
+            outputs = {name: call()[0] for name, call in run_mmcl.items()}
             scale = float(np.abs(outputs["loop"]).max())
-            if np.abs(outputs["unrolled"] - outputs["loop"]).max() > 1e-4 * scale:
-                raise ValueError("the unrolled and loop ONNX models disagree; the comparison would be meaningless")
-            for name, session in sessions.items():
-                seconds = median_seconds(lambda: session.run(["mmcl"], {"imu": x}), args.repeats)
-                records[name]["ms_per_window"][str(n)] = common.significant(seconds * 1e3 / n)
-            seconds = median_seconds(lambda: encoder_fn(x), args.repeats)
+            for name, output in outputs.items():
+                if np.abs(output - outputs["loop"]).max() > 1e-4 * scale:
+                    raise ValueError(f"the {name} and loop ONNX models disagree; the comparison would be meaningless")
+            for name, call in run_mmcl.items():
+                records[name]["ms_per_window"][str(n)] = common.significant(best_seconds(call, args.repeats) * 1e3 / n)
+            seconds = best_seconds(lambda: encoder_fn(x), args.repeats)
             records["jax_load_encoder"]["ms_per_window"][str(n)] = common.significant(seconds * 1e3 / n)
     return {**common.machine_description(), "window_length": window_length, "threads": args.threads,
             "onnxruntime": onnxruntime.__version__, "repeats": args.repeats, "models": records}
@@ -125,7 +146,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def summary(result: dict) -> list[str]:
     lines = [f"T = {result['window_length']}, onnxruntime {result['onnxruntime']}, {result['threads']} thread(s), "
-             f"median of {result['repeats']} calls"]
+             f"best of {result['repeats']} calls"]
     for name, record in result["models"].items():
         size = f"{record['size_bytes'] / 1e6:.2f} MB, {record['nodes']} nodes, " if "size_bytes" in record else ""
         per_n = ", ".join(f"N={n}: {ms:.3g} ms" for n, ms in record["ms_per_window"].items())
@@ -139,7 +160,9 @@ def main(argv=None) -> int:
     parser.add_argument("--window-length", type=int, default=250, help="T of the random model (default 250)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64], help="windows per call")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (0: its default)")
-    parser.add_argument("--repeats", type=int, default=50, help="timed calls per measurement")
+    parser.add_argument("--repeats", type=int, default=20, help="timed calls per measurement")
+    parser.add_argument("--no-jax2onnx", dest="jax2onnx", action="store_false",
+                        help="skip the jax2onnx conversion even when jax2onnx is installed")
     return common.run_cli(parser, run, summary, argv)
 
 

@@ -172,7 +172,7 @@ def test_onnx_benchmark_reports_sizes_and_latencies_of_both_gru_forms(tmp_path, 
     from benchmarks import onnx_export
 
     encoder_dir = write_export(tmp_path / "export", 150, hidden_dim=16, conv_channels=8, ssl_dim=8, mm_dim=8)
-    assert onnx_export.main(["--encoder", encoder_dir, "--batch-sizes", "1", "3", "--repeats", "1"]) == 0
+    assert onnx_export.main(["--encoder", encoder_dir, "--batch-sizes", "1", "3", "--repeats", "1", "--no-jax2onnx"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     loop, unrolled = result["models"]["loop"], result["models"]["unrolled"]
     assert result["window_length"] == 150 and loop["nodes"] < unrolled["nodes"]
