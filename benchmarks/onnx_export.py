@@ -4,11 +4,11 @@
                                      [--threads 1] [--repeats 20] [--no-jax2onnx]
 
 The encoder is the export at --encoder, or the reference `IMUEncoder()` with random weights at
---window-length (the weights do not change the graph or its cost). Two ONNX models are built:
-- loop: `primus_jax.export.onnx_model_bytes`, what `python -m primus_jax.export --to onnx` writes;
-  the GRU is one ONNX GRU node, which loops over its 32 steps inside onnxruntime;
-- unrolled: the same module with the GRU written as 32 copies of its cell (MatMul, Sigmoid, Tanh
-  per step), as a tracer that unrolls the recurrence would emit it.
+--window-length (the weights do not change the graph or its cost). The ONNX models:
+- loop: what `python -m primus_jax.export --to onnx` writes (`export.onnx_model_bytes`); the
+  GRU is one ONNX GRU node, which loops over its 32 steps inside onnxruntime;
+- unrolled: `--onnx-gru unrolled`, the same module with the GRU written as 32 copies of its cell
+  (MatMul, Sigmoid, Tanh per step), as a tracer that unrolls the recurrence emits it;
 - jax2onnx: when the jax2onnx package is importable, the JAX encoder's mmcl output converted
   straight from JAX (`jax2onnx.to_onnx`; its GRU becomes an ONNX Loop). It is not a dependency:
   jax2onnx 0.17 pins orbax-checkpoint below 0.11.37, which primus_jax cannot install beside.
@@ -28,53 +28,6 @@ import tempfile
 import numpy as np
 
 from benchmarks import common
-
-
-def unrolled_module(model, window_length: int):
-    """`TorchIMUEncoder` whose GRU is traced as S explicit cell steps instead of one nn.GRU call."""
-    import torch
-
-    from primus_jax.torch_encoder import TorchIMUEncoder
-
-    class UnrolledGRUEncoder(TorchIMUEncoder):
-        def forward(self, x):
-            finite = torch.isfinite(x).flatten(1).all(dim=1)
-            features = self.backbone[:5](x.transpose(1, 2))
-            if self.gru_over == "time":
-                features = features.transpose(1, 2)
-            gru = self.backbone[5]
-            hidden = gru.hidden_size
-            input_proj = features @ gru.weight_ih_l0.T + gru.bias_ih_l0  # (N, S, 3H)
-            h = torch.zeros(x.shape[0], hidden, dtype=x.dtype)
-            for step in range(features.shape[1]):
-                x_proj = input_proj[:, step]
-                h_proj = h @ gru.weight_hh_l0.T + gru.bias_hh_l0
-                reset = torch.sigmoid(x_proj[:, :hidden] + h_proj[:, :hidden])
-                update = torch.sigmoid(x_proj[:, hidden:2 * hidden] + h_proj[:, hidden:2 * hidden])
-                candidate = torch.tanh(x_proj[:, 2 * hidden:] + reset * h_proj[:, 2 * hidden:])
-                h = candidate + update * (h - candidate)
-            nan = torch.tensor(float("nan"), dtype=h.dtype)
-            return (torch.where(finite[:, None], self.ssl_head(h), nan),
-                    torch.where(finite[:, None], self.mmcl_head(h), nan), finite)
-
-    return UnrolledGRUEncoder(model, window_length)
-
-
-def unrolled_onnx_bytes(export, opset: int) -> bytes:
-    import io
-    import warnings
-
-    import torch
-
-    window_length = export.meta["window_length"]
-    module = unrolled_module(export.model, window_length).load_params(export.params).eval()
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, (torch.zeros(2, window_length, 6),), buffer, dynamo=False, opset_version=opset,
-                          input_names=["imu"], output_names=["ssl", "mmcl", "finite"],
-                          dynamic_axes={name: {0: "N"} for name in ("imu", "ssl", "mmcl", "finite")})
-    return buffer.getvalue()
 
 
 def jax2onnx_bytes(export) -> bytes | None:
@@ -111,7 +64,7 @@ def run(args: argparse.Namespace) -> dict:
             checkpoint.export_encoder(encoder_dir, params["params"], {}, args.window_length, 50.0)
         loaded = checkpoint.read_export(encoder_dir)
         graphs = {"loop": export.onnx_model_bytes(loaded, export.ONNX_OPSET),
-                  "unrolled": unrolled_onnx_bytes(loaded, export.ONNX_OPSET)}
+                  "unrolled": export.onnx_model_bytes(loaded, export.ONNX_OPSET, gru="unrolled")}
         if args.jax2onnx and (converted := jax2onnx_bytes(loaded)) is not None:
             graphs["jax2onnx"] = converted
         options = onnxruntime.SessionOptions()

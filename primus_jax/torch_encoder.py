@@ -52,10 +52,15 @@ class TorchIMUEncoder(nn.Module):
     when window i holds a NaN or an infinity, and that row of ssl and mmcl is then NaN (a runtime
     may otherwise return ordinary-looking numbers for it). Load weights with
     `load_params(params)`; the computation is float32 whatever `model.dtype` is.
+    unroll_gru: False runs the GRU as one nn.GRU call (one ONNX GRU node once exported); True
+    writes its S steps out with the same weights, h' = n + z (h - n) with
+    r, z = sigmoid(x W_i{r,z}^T + b_i{r,z} + h W_h{r,z}^T + b_h{r,z}),
+    n = tanh(x W_in^T + b_in + r (h W_hn^T + b_hn)), which a tracer unrolls into S cell copies.
     """
 
-    def __init__(self, model: models.IMUEncoder, window_length: int):
+    def __init__(self, model: models.IMUEncoder, window_length: int, unroll_gru: bool = False):
         super().__init__()
+        self.unroll_gru = unroll_gru
         channels, pooled = model.conv_channels, model.pooled_length
         conv3_length = models.conv_stack_lengths(window_length)[4]
         self.gru_over = model.gru_over
@@ -81,8 +86,22 @@ class TorchIMUEncoder(nn.Module):
         features = self.backbone[:5](x.transpose(1, 2))  # (N, C, P)
         if self.gru_over == "time":
             features = features.transpose(1, 2)
-        emb = self.backbone[5](features)[1][0]
+        emb = self.unrolled_gru(features) if self.unroll_gru else self.backbone[5](features)[1][0]
         nan = torch.tensor(float("nan"), dtype=emb.dtype)
         ssl = torch.where(finite[:, None], self.ssl_head(emb), nan)
         mmcl = torch.where(finite[:, None], self.mmcl_head(emb), nan)
         return ssl, mmcl, finite
+
+    def unrolled_gru(self, features):
+        """The GRU's final hidden state (N, H) of batch-first features (N, S, D), step by step."""
+        gru = self.backbone[5]
+        hidden = gru.hidden_size
+        input_proj = features @ gru.weight_ih_l0.T + gru.bias_ih_l0  # (N, S, 3H)
+        h = torch.zeros(features.shape[0], hidden, dtype=features.dtype)
+        for step in range(features.shape[1]):
+            x_proj, h_proj = input_proj[:, step], h @ gru.weight_hh_l0.T + gru.bias_hh_l0
+            reset = torch.sigmoid(x_proj[:, :hidden] + h_proj[:, :hidden])
+            update = torch.sigmoid(x_proj[:, hidden:2 * hidden] + h_proj[:, hidden:2 * hidden])
+            candidate = torch.tanh(x_proj[:, 2 * hidden:] + reset * h_proj[:, 2 * hidden:])
+            h = candidate + update * (h - candidate)
+        return h
