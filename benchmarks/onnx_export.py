@@ -7,16 +7,17 @@ The encoder is the export at --encoder, or the reference `IMUEncoder()` with ran
 --window-length (the weights do not change the graph or its cost). The ONNX models:
 - loop: what `python -m primus_jax.export --to onnx` writes (`export.onnx_model_bytes`); the
   GRU is one ONNX GRU node, which loops over its 32 steps inside onnxruntime;
-- unrolled: `--onnx-gru unrolled`, the same module with the GRU written as 32 copies of its cell
-  (MatMul, Sigmoid, Tanh per step), as a tracer that unrolls the recurrence emits it;
+- unrolled: `onnx_model_bytes(..., gru="unrolled")`, the same module with the GRU written as 32
+  copies of its cell (MatMul, Sigmoid, Tanh per step), as a tracer that unrolls the recurrence emits it;
 - jax2onnx: when the jax2onnx package is importable, the JAX encoder's mmcl output converted
   straight from JAX (`jax2onnx.to_onnx`; its GRU becomes an ONNX Loop). It is not a dependency:
   jax2onnx 0.17 pins orbax-checkpoint below 0.11.37, which primus_jax cannot install beside.
 All must give the same features (checked to 1e-4 of their scale before timing). For each model
 and each batch size N, onnxruntime (CPU, --threads intra-op threads) runs N windows per call;
 the time per window is the best of --repeats calls after 3 warm-up calls, divided by N (the
-best, not the median, since other processes on a shared machine only ever add time).
-`load_encoder`'s jitted JAX encoder (XLA's own thread pool) is timed the same way, for comparison.
+best, not the median, since other processes on a shared machine only ever add time). The models
+and `load_encoder`'s jitted JAX encoder (XLA's own thread pool, for comparison) are called in
+turn, round after round, so a change of load during the run falls on all of them.
 The last line printed is one JSON object.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import functools
 import tempfile
+import time
 
 import numpy as np
 
@@ -41,10 +43,17 @@ def jax2onnx_bytes(export) -> bytes | None:
                    [("N", export.meta["window_length"], 6)]).SerializeToString()
 
 
-def best_seconds(call, repeats: int) -> float:
-    for _ in range(3):
-        call()
-    return min(common.time_calls(call, repeats))
+def best_seconds_interleaved(calls: dict, repeats: int) -> dict[str, float]:
+    """{name: best wall-clock seconds of calls[name]()} over `repeats` rounds after 3 warm-up rounds;
+    each round calls every entry once, so load that drifts during the run falls on all alike."""
+    times = {name: [] for name in calls}
+    for round_index in range(3 + repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            if round_index >= 3:
+                times[name].append(time.perf_counter() - start)
+    return {name: min(seconds) for name, seconds in times.items()}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -89,10 +98,9 @@ def run(args: argparse.Namespace) -> dict:
             for name, output in outputs.items():
                 if np.abs(output - outputs["loop"]).max() > 1e-4 * scale:
                     raise ValueError(f"the {name} and loop ONNX models disagree; the comparison would be meaningless")
-            for name, call in run_mmcl.items():
-                records[name]["ms_per_window"][str(n)] = common.significant(best_seconds(call, args.repeats) * 1e3 / n)
-            seconds = best_seconds(lambda: encoder_fn(x), args.repeats)
-            records["jax_load_encoder"]["ms_per_window"][str(n)] = common.significant(seconds * 1e3 / n)
+            calls = {**run_mmcl, "jax_load_encoder": lambda: encoder_fn(x)}
+            for name, seconds in best_seconds_interleaved(calls, args.repeats).items():
+                records[name]["ms_per_window"][str(n)] = common.significant(seconds * 1e3 / n)
     return {**common.machine_description(), "window_length": window_length, "threads": args.threads,
             "onnxruntime": onnxruntime.__version__, "repeats": args.repeats, "models": records}
 

@@ -1,15 +1,14 @@
 """Export a trained encoder for PyTorch code or for ONNX runtimes.
 
     python -m primus_jax.export --encoder runs/x/export --to reference --out primus.ckpt
-    python -m primus_jax.export --encoder runs/x/export --to onnx --out primus.onnx [--onnx-gru unrolled]
+    python -m primus_jax.export --encoder runs/x/export --to onnx --out primus.onnx
 
 --encoder is an export directory (`checkpoint.export_encoder`, local or gs://); --out a file.
 
 - reference: a PyTorch checkpoint with the keys, shapes and layout of the reference's released
   file (`convert.save_reference_checkpoint`); only the reference architecture fits it.
 - onnx: the encoder as an ONNX graph, traced from `torch_encoder.TorchIMUEncoder` by
-  torch.onnx.export (the TorchScript exporter; the GRU becomes one ONNX GRU node, or with
-  --onnx-gru unrolled its 32 steps written out). Input "imu"
+  torch.onnx.export (the TorchScript exporter; the GRU becomes one ONNX GRU node). Input "imu"
   (N, T, 6) float32 with N dynamic and T the export's window length; outputs "ssl" (N, ssl_dim),
   "mmcl" (N, mm_dim) and "finite" (N,) bool, False for a window holding a NaN or an infinity,
   whose ssl and mmcl rows are then NaN. The export's metadata (window length, rate, channels,
@@ -55,7 +54,8 @@ def export_reference(encoder_dir, out) -> None:
 def onnx_model_bytes(export: checkpoint.Export, opset: int = ONNX_OPSET, gru: str = "loop") -> bytes:
     """The serialised ONNX model of `export` (see the module docstring for its inputs and outputs).
 
-    gru: "loop" (one ONNX GRU node) or "unrolled" (its steps written out, `TorchIMUEncoder`).
+    gru: "loop" (one ONNX GRU node, what the command writes) or "unrolled" (its steps written
+    out, `TorchIMUEncoder`), which benchmarks.onnx_export compares.
     """
     if gru not in GRU_FORMS:
         raise ValueError(f"gru must be one of {GRU_FORMS}, got {gru!r}")
@@ -85,9 +85,9 @@ def onnx_model_bytes(export: checkpoint.Export, opset: int = ONNX_OPSET, gru: st
     return model.SerializeToString()
 
 
-def export_onnx(encoder_dir, out, opset: int = ONNX_OPSET, gru: str = "loop") -> None:
+def export_onnx(encoder_dir, out, opset: int = ONNX_OPSET) -> None:
     """Write the export at encoder_dir as the ONNX model `out` (`onnx_model_bytes`)."""
-    paths.atomic_write(out, onnx_model_bytes(checkpoint.read_export(encoder_dir), opset, gru))
+    paths.atomic_write(out, onnx_model_bytes(checkpoint.read_export(encoder_dir), opset))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -95,15 +95,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--encoder", required=True, help="exported encoder directory (local or gs://)")
     parser.add_argument("--to", required=True, choices=TARGETS, help="the format to write")
     parser.add_argument("--out", required=True, help="file to write (local or gs://)")
-    parser.add_argument("--onnx-gru", choices=GRU_FORMS, default="loop",
-                        help="the GRU as one ONNX GRU node (default; fastest for one window at a time) or "
-                             "unrolled into its 32 steps (faster per window in batches, docs/export.md)")
     args = parser.parse_args(argv)
     try:
-        if args.to == "reference":
-            export_reference(args.encoder, args.out)
-        else:
-            export_onnx(args.encoder, args.out, gru=args.onnx_gru)
+        (export_reference if args.to == "reference" else export_onnx)(args.encoder, args.out)
     except (ValueError, ImportError, FileNotFoundError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

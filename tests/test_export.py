@@ -92,15 +92,6 @@ def test_onnx_model_matches_load_encoder(onnx_export, n):
     check_onnx_against_load_encoder(encoder_dir, out, n)
 
 
-@pytest.mark.usefixtures("float32_matmuls")
-def test_unrolled_onnx_gru_matches_load_encoder(onnx_export, tmp_path):
-    encoder_dir, _ = onnx_export
-    out = tmp_path / "unrolled.onnx"
-    assert export.main(["--encoder", encoder_dir, "--to", "onnx", "--out", str(out), "--onnx-gru", "unrolled"]) == 0
-    assert "GRU" not in {node.op_type for node in onnx.load(str(out)).graph.node}
-    check_onnx_against_load_encoder(encoder_dir, out, 37)
-
-
 def check_onnx_against_load_encoder(encoder_dir, out, n):
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     x = moving_windows(n, 250, seed=n)
