@@ -38,8 +38,13 @@ setup(
         # with 4.9.10 next to tensorflow-cpu 2.21 and protobuf 6.33); apache-beam: the DirectRunner test.
         # torch: reading the reference's Lightning checkpoint in the suite test (2.13.0, the CPU build
         # the development machines hold; an unpinned torch would pull a multi-GB CUDA build).
+        # onnx, onnxruntime: the ONNX export and its check (python -m primus_jax.export --to onnx).
+        # projectaria-tools is installed beside it with --no-deps (README's test command): its declared
+        # dependencies (jupyter, rerun-sdk, moviepy) serve its viewers, and moviepy's pillow<12
+        # contradicts apache-beam's pillow>=12.1.1; reading VRS needs only numpy.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "tensorflow-cpu>=2.16", "tensorflow-datasets>=4.9.10,<5",
-                 "gcp-storage-emulator>=2026.7", "apache-beam>=2.77", "torch==2.13.0"],
+                 "gcp-storage-emulator>=2026.7", "apache-beam>=2.77", "torch==2.13.0",
+                 "onnx>=1.17", "onnxruntime>=1.20"],
         # data_prep --runner DirectRunner|DataflowRunner|FlinkRunner|SparkRunner (data_prep/beam_pipeline.py);
         # 2.77 installs on Python 3.11 next to tensorflow-cpu 2.21 and jax 0.10 (protobuf 6.33).
         "beam": ["apache-beam>=2.77"],
@@ -48,6 +53,8 @@ setup(
         "cuda13": ["jax[cuda13]>=0.10.2,<0.12"],
         "tpu": ["jax[tpu]>=0.10.2,<0.12"],
         "torch": ["torch"],
+        # python -m primus_jax.export --to onnx (traced with torch's TorchScript ONNX exporter)
+        "onnx": ["torch", "onnx>=1.17"],
         "aria": ["projectaria-tools"],
     },
 )

@@ -60,12 +60,16 @@ def require_projectaria_tools():
 def read_vrs_imu(path: str) -> tuple[np.ndarray, np.ndarray]:
     """Reads IMU stream 1202-1 of an Aria VRS file into (times_s (N,), imu (N, 6)).
 
-    Only records whose accelerometer and gyroscope are both valid are kept; times are the
-    capture timestamps in seconds, shifted so the first kept sample is at 0.
+    Aria (gen 1) glasses hold two IMUs: 1202-1 "imu-right" at 1 kHz and 1202-2 "imu-left" at
+    800 Hz; this reads imu-right. imu columns: accelerometer x, y, z in m/s^2 (gravity included),
+    then gyroscope x, y, z in rad/s, in the IMU's own frame. Only records whose accelerometer and
+    gyroscope are both valid are kept; times are the capture timestamps in seconds, shifted so
+    the first kept sample is at 0.
 
     Raises:
-      ImuFileError: "missing imu" (no file) or "unreadable vrs" (cannot open, no IMU stream,
-        no valid record), naming the file.
+      ImuFileError: "missing imu" (no file) or "unreadable vrs" (cannot open, truncated
+        inside its configuration records, no IMU stream, no valid record), naming the file.
+        A file cut later reads as a shorter recording: VRS keeps the records wholly in the file.
     """
     if not paths.resolve(path).is_file():
         raise ImuFileError("missing imu", f"{path}: VRS file not found")
@@ -73,7 +77,11 @@ def read_vrs_imu(path: str) -> tuple[np.ndarray, np.ndarray]:
     from projectaria_tools.core.stream_id import StreamId
 
     with paths.local_copy(path) as local:  # projectaria-tools reads local files only
-        provider = data_provider.create_vrs_data_provider(local)
+        try:
+            provider = data_provider.create_vrs_data_provider(local)
+        except RuntimeError as error:  # e.g. a file cut inside its configuration records
+            raise ImuFileError("unreadable vrs", f"{path}: projectaria-tools cannot read the VRS file, "
+                                                 f"which is truncated or damaged ({error})") from None
         if not provider:
             raise ImuFileError("unreadable vrs", f"{path}: projectaria-tools cannot open the VRS file")
         stream = StreamId(IMU_STREAM)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import jax
@@ -164,6 +164,8 @@ class EncoderFn:
     head "mmcl" (default, D = mm_dim): the text/video-aligned space, the reference's downstream
     feature; "ssl" (D = ssl_dim): the augmentation-invariant head; "emb" (D = hidden_dim): the GRU state.
     matmul_precision: the float32 matmul precision the encoder is compiled with (`primus_jax.precision`).
+    Windows holding a NaN or an infinity are refused with a ValueError naming the first such
+    window (`first_nonfinite_window`): the encoder would turn each into a row of NaN features.
     """
 
     def __init__(self, model: models.IMUEncoder, params, window_length: int, rate_hz: float, batch_size: int,
@@ -185,6 +187,9 @@ class EncoderFn:
         if x.ndim != 3 or x.shape[1:] != (self.window_length, 6):
             raise ValueError(
                 f"expected windows of shape (N, {self.window_length}, 6) at {self.rate_hz:g} Hz, got {x.shape}")
+        problem = first_nonfinite_window(x)
+        if problem is not None:
+            raise ValueError(problem)
         n = x.shape[0]
         out = []
         for start in range(0, n, self.batch_size):
@@ -200,11 +205,31 @@ class EncoderFn:
         return np.concatenate(out).astype(np.float32)
 
 
-def load_encoder(export_dir, batch_size: int = 256, head: str = "mmcl") -> EncoderFn:
-    """Load an exported encoder (local or gs://) in one call: `features = load_encoder(dir)(windows)`.
+def first_nonfinite_window(x: np.ndarray) -> str | None:
+    """None when every value of the windows x (N, T, C) is finite, else one sentence naming the
+    first window (its index), time step and channel that holds a NaN or an infinity."""
+    finite = np.isfinite(x)
+    if finite.all():
+        return None
+    window, step, channel = (int(i[0]) for i in np.nonzero(~finite))
+    return (f"window {window} of {x.shape[0]} holds {x[window, step, channel]} at time step {step}, channel {channel}; "
+            f"the encoder maps such a window to NaN features, so drop or repair it first")
 
-    `head` picks the feature: "mmcl" (default), "ssl" or "emb" (see EncoderFn). The encoder runs at the
-    `matmul_precision` stored in the export's model config ("default" for exports that predate it).
+
+class Export(NamedTuple):
+    """What an export directory holds: the model it builds, its params and its encoder.json."""
+
+    model: models.IMUEncoder
+    params: dict
+    meta: dict
+    matmul_precision: str
+
+
+def read_export(export_dir) -> Export:
+    """Read and check an exported encoder (local or gs://): encoder.json, then params.msgpack.
+
+    Raises FileNotFoundError without encoder.json, ValueError for an unknown format or precision,
+    params that do not match the params_sha256 of encoder.json or do not fit its model.
     """
     export_dir = paths.check_access(export_dir)
     meta_path = export_dir / ENCODER_CONFIG_FILE
@@ -231,4 +256,15 @@ def load_encoder(export_dir, batch_size: int = 256, head: str = "mmcl") -> Encod
     problems = _shape_mismatches(params, expected)
     if problems:
         raise ValueError(f"{export_dir}: params do not fit {ENCODER_CONFIG_FILE}: {'; '.join(problems[:3])}")
-    return EncoderFn(model, params, meta["window_length"], meta["rate_hz"], batch_size, head, matmul_precision)
+    return Export(model, params, meta, matmul_precision)
+
+
+def load_encoder(export_dir, batch_size: int = 256, head: str = "mmcl") -> EncoderFn:
+    """Load an exported encoder (local or gs://) in one call: `features = load_encoder(dir)(windows)`.
+
+    `head` picks the feature: "mmcl" (default), "ssl" or "emb" (see EncoderFn). The encoder runs at the
+    `matmul_precision` stored in the export's model config ("default" for exports that predate it).
+    """
+    export = read_export(export_dir)
+    return EncoderFn(export.model, export.params, export.meta["window_length"], export.meta["rate_hz"],
+                     batch_size, head, export.matmul_precision)

@@ -15,7 +15,12 @@ Every Flax array is the torch array with its axes reversed (numpy's `.T`): Linea
 kernel (in, out); Conv1d (out, in, k) -> kernel (k, in, out); 1-D vectors unchanged. The GRU gate
 blocks keep torch's (r, z, n) order along the 3H axis, which `gru_recurrence` uses as is.
 In the released Lightning checkpoint these keys carry the prefix "imu_encoder.".
+
+The GRU keeps torch's two bias vectors (b_ih and b_hh, none folded), so the map is one-to-one
+both ways: `save_reference_checkpoint` writes the same keys, shapes and layout, and
+`load_reference_checkpoint(save_reference_checkpoint(params))` returns `params` bit for bit.
 """
+import io
 import os
 from collections.abc import Mapping
 
@@ -24,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from primus_jax import paths
 from primus_jax.models import IMUEncoder, min_input_length
 
 CHECKPOINT_PREFIX = "imu_encoder."
@@ -46,6 +52,42 @@ TORCH_KEY_OF_PARAM = {
     ("mmcl_head", "bias"): "mmcl_head.bias",
 }
 """Flax param path of `IMUEncoder` -> key in the reference encoder's state dict."""
+
+REFERENCE_ARCHITECTURE = {"hidden_dim": 512, "conv_channels": 32, "pooled_length": 32, "ssl_dim": 512,
+                          "mm_dim": 512, "gru_over": "channels"}
+"""The `IMUEncoder` fields the reference module fixes; the others (dtype, conv_impl, gru_unroll,
+matmul_precision) choose how the same function is computed, not which function it is."""
+
+
+def reference_architecture_problem(model_config: Mapping) -> str | None:
+    """None when an `IMUEncoder` with `model_config` fits the reference's module, else the first
+    field that does not, as "model.<field> is <value>, the reference's module holds only <value>"."""
+    for field, reference in REFERENCE_ARCHITECTURE.items():
+        value = model_config.get(field, getattr(IMUEncoder, field))
+        if value != reference:
+            return f"model.{field} is {value!r}, the reference's module holds only {reference!r}"
+    return None
+
+
+def require_torch(purpose: str):
+    """The torch module, or ImportError naming the extra that installs it."""
+    try:
+        import torch
+    except ImportError as error:
+        raise ImportError(f"{purpose} needs torch: pip install 'primus_jax[torch]'") from error
+    return torch
+
+
+def torch_state_dict(params: Mapping) -> dict:
+    """The reference encoder's state dict (torch key -> float32 numpy array in torch's layout) of
+    Flax `params` of any `IMUEncoder` width: each array is the param with its axes reversed."""
+    flat = flax.traverse_util.flatten_dict(dict(params))
+    unknown = sorted("/".join(path) for path in flat.keys() - TORCH_KEY_OF_PARAM.keys())
+    missing = sorted("/".join(path) for path in TORCH_KEY_OF_PARAM.keys() - flat.keys())
+    if unknown or missing:
+        raise ValueError(f"params are not an IMUEncoder's: unknown {unknown or 'none'}, missing {missing or 'none'}")
+    return {TORCH_KEY_OF_PARAM[path]: np.array(np.asarray(value, np.float32).T, order="C")  # a writable copy
+            for path, value in flat.items()}
 
 
 def params_from_torch_state_dict(state_dict: Mapping, model: IMUEncoder | None = None) -> dict:
@@ -91,12 +133,7 @@ def load_reference_checkpoint(path, model: IMUEncoder | None = None) -> dict:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"PRIMUS checkpoint {path} does not exist")
-    try:
-        import torch
-    except ImportError as error:
-        raise ImportError(
-            f"reading the PyTorch checkpoint {path} needs torch: pip install 'primus_jax[torch]'"
-        ) from error
+    torch = require_torch(f"reading the PyTorch checkpoint {path}")
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
         raise ValueError(f"{path} is not a Lightning checkpoint: it has no 'state_dict' entry")
@@ -107,3 +144,31 @@ def load_reference_checkpoint(path, model: IMUEncoder | None = None) -> dict:
         if key.removeprefix(CHECKPOINT_PREFIX) in encoder_keys and isinstance(tensor, torch.Tensor)
     }
     return params_from_torch_state_dict(state_dict, model)
+
+
+def save_reference_checkpoint(params: Mapping, path, metadata: Mapping | None = None) -> None:
+    """Write Flax `params` of the reference `IMUEncoder()` as a checkpoint shaped like the released one.
+
+    The file (local or gs://, written atomically) is a torch zip pickle of plain dicts and float32
+    tensors, readable with `torch.load(path, weights_only=True)`:
+        {"state_dict": {"imu_encoder.<key>": tensor}, "primus_jax": metadata or {}}
+    with the keys, shapes and layout of the module docstring's table, so the reference's encoder
+    loads `{k.removeprefix("imu_encoder."): v}` with `load_state_dict(strict=True)` and
+    `load_reference_checkpoint(path)` returns `params` bit for bit. metadata (e.g. window_length,
+    rate_hz, channels) must hold only str, int, float, bool, None, lists and dicts.
+    Raises ImportError without torch and ValueError naming the param whose shape the reference's
+    module cannot hold.
+    """
+    torch = require_torch(f"writing the PyTorch checkpoint {path}")
+    dummy = jnp.zeros((1, min_input_length(), 6), jnp.float32)
+    expected = jax.eval_shape(IMUEncoder().init, jax.random.key(0), dummy)["params"]
+    flat = flax.traverse_util.flatten_dict(dict(params))
+    for param_path, leaf in flax.traverse_util.flatten_dict(expected).items():
+        shape = tuple(np.shape(flat.get(param_path, ())))
+        if param_path in flat and shape != leaf.shape:
+            raise ValueError(f"param {'/'.join(param_path)} has shape {shape}, but the reference's "
+                             f"{TORCH_KEY_OF_PARAM[param_path]} holds {tuple(reversed(leaf.shape))}")
+    state_dict = {CHECKPOINT_PREFIX + key: torch.from_numpy(value) for key, value in torch_state_dict(params).items()}
+    buffer = io.BytesIO()
+    torch.save({"state_dict": state_dict, "primus_jax": dict(metadata or {})}, buffer)
+    paths.atomic_write(path, buffer.getvalue())
