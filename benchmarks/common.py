@@ -156,11 +156,24 @@ def git_commit(repository: str = REPOSITORY) -> tuple[str, bool]:
     return head.stdout.strip(), bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip())
 
 
+def without_record_argument(argv: Sequence[str]) -> list[str]:
+    """argv without `--record DIR` / `--record=DIR`, which says where a result goes, not what was measured."""
+    kept, skip = [], False
+    for argument in argv:
+        if skip:
+            skip = False
+        elif argument == "--record":
+            skip = True
+        elif not argument.startswith("--record="):
+            kept.append(argument)
+    return kept
+
+
 def record_result(directory: str, benchmark: str, result: dict, argv: Optional[Sequence[str]] = None) -> str:
     """Appends one JSON line for `result` to `directory/<benchmark>.jsonl` and returns the file's path.
 
     The line is {"benchmark", "command" (python -m benchmarks.<benchmark> and argv, default
-    sys.argv[1:]), "date" (UTC, ISO 8601), "commit", "dirty" (tracked files changed since the
+    sys.argv[1:], less --record DIR), "date" (UTC, ISO 8601), "commit", "dirty" (tracked files changed since the
     commit), "machine": {"cpu", "cores"}, "load_avg_1min" (os.getloadavg at the end of the run),
     "result"}. The line is written with one write call and flushed to disk, so a file holds
     whole lines only, and earlier lines are never rewritten.
@@ -169,7 +182,7 @@ def record_result(directory: str, benchmark: str, result: dict, argv: Optional[S
     commit, dirty = git_commit()
     record = {
         "benchmark": benchmark,
-        "command": " ".join(["python", "-m", f"benchmarks.{benchmark}", *argv]),
+        "command": " ".join(["python", "-m", f"benchmarks.{benchmark}", *without_record_argument(argv)]),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "commit": commit,
         "dirty": dirty,

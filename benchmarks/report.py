@@ -10,7 +10,8 @@ such file, the text between the markers
     <!-- end report: <benchmark> -->
 
 in the document with one markdown table: the newest record of each distinct command on each
-machine, oldest first, with its date, commit, machine and 1-minute load beside the numbers.
+machine, oldest first, with its date, commit, machine and 1-minute load beside the numbers (a
+record that fills several rows names its command on the first).
 Everything outside the markers (the prose) is kept as it is. A records file without its markers,
 or markers without a records file, is an error naming both. `--check` changes nothing and exits
 1 when the document is not what the records give (for CI).
@@ -181,8 +182,8 @@ def table(benchmark: str, records: list[dict]) -> str:
                    "commit": record["commit"][:7] + ("+" if record.get("dirty") else ""),
                    "machine": f"{record['machine']['cpu']}, {record['machine']['cores']} cores",
                    "load": f"{record['load_avg_1min']:.1f}"}
-        for row in columns(record["result"]):
-            rows.append({**context, **row, "command": f"`{record['command']}`"})
+        for number, row in enumerate(columns(record["result"])):
+            rows.append({**context, **row, "command": f"`{record['command']}`" if number == 0 else ""})
     headers = list(dict.fromkeys(name for row in rows for name in row))
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(row.get(name, "") for name in headers) + " |" for row in rows]

@@ -255,7 +255,8 @@ def test_a_benchmark_given_record_appends_the_json_line_it_prints(tmp_path, caps
     (line,) = (tmp_path / "peak_memory.jsonl").read_text().splitlines()
     record = json.loads(line)
     assert record["result"] == printed and record["benchmark"] == "peak_memory"
-    assert record["command"].startswith("python -m benchmarks.peak_memory --record ")
+    assert record["command"] == f"python -m benchmarks.peak_memory -- {sys.executable} -c pass"  # no --record DIR
+    assert common.without_record_argument(["--a", "--record", "d", "--record=e", "b"]) == ["--a", "b"]
 
 
 def _main_loop_record(date: str, command: str, loop_rate: float) -> dict:
