@@ -315,3 +315,18 @@ def test_the_repository_benchmark_tables_are_generated_from_its_records():
     docs = os.path.join(repo_root(), "docs")
     assert report.main(["--records", os.path.join(docs, "benchmarks"), "--doc", os.path.join(docs, "benchmarks.md"),
                         "--check"]) == 0
+
+
+def test_torch_peer_info_nce_is_ours(float32_matmuls):
+    import torch
+
+    from benchmarks import torch_peer
+    from primus_jax import losses
+
+    rng = np.random.default_rng(0)
+    query, key = rng.standard_normal((2, 8, 16)).astype(np.float32)
+    for mask in (np.ones(8, np.float32), np.array([1, 0, 1, 1, 0, 1, 1, 1], np.float32), np.zeros(8, np.float32)):
+        theirs = torch_peer.info_nce(torch.from_numpy(query), torch.from_numpy(key), torch.tensor(0.1),
+                                     torch.from_numpy(mask))
+        ours = losses.info_nce(query, key, np.float32(0.1), mask)
+        np.testing.assert_allclose(float(theirs), float(ours), rtol=1e-5, atol=1e-6)
