@@ -330,3 +330,17 @@ def test_torch_peer_info_nce_is_ours(float32_matmuls):
                                      torch.from_numpy(mask))
         ours = losses.info_nce(query, key, np.float32(0.1), mask)
         np.testing.assert_allclose(float(theirs), float(ours), rtol=1e-5, atol=1e-6)
+
+
+def test_input_normalisation_records_its_means_and_report_tabulates_them(capsys, tmp_path):
+    from benchmarks import input_normalisation, report
+    from tests.test_suite import write_labelled
+
+    path = write_labelled(tmp_path / "d", per_class=(3, 3, 3))
+    input_normalisation.main(["--dataset", f"d={path}", "--record", str(tmp_path / "records")])
+    means = final_json(capsys)
+    (record,) = report.read_records(str(tmp_path / "records" / "input_normalisation.jsonl"))
+    assert record["result"] == {"benchmark": "input_normalisation", "mean_accuracy": means}
+    table = report.table("input_normalisation", [record]).splitlines()
+    assert table[0].startswith("| date | commit | machine | load | dataset, features | 1-shot | 2-shot | 5-shot |")
+    assert len(table) == 4 and f"| {means['d, raw windows']['5']:.3f} |" in table[2]
