@@ -1,6 +1,6 @@
 """The accelerator benchmark: one command for a GPU or TPU user, one table of the numbers that matter.
 
-    python -m benchmarks.accelerator [--torch-peer PATH/TO/torch_step.py]
+    python -m benchmarks.accelerator [--torch-peer [PATH]] [--record DIR]
 
 Measured, in one process, on the default device (every device of the mesh for the step):
 - the full PRIMUS train step (`benchmarks.train_step`) at each of --batch-sizes (default 256
@@ -10,7 +10,8 @@ Measured, in one process, on the default device (every device of the mesh for th
   views of B = 4096; `benchmarks.encoder_parts`): the conv stack, the GRU, the GRU's matmuls
   alone (its floor) and the whole encoder;
 - the matmul peaks (--matmul-size square matmuls: float32 `highest`, float32 `default`, bfloat16);
-- with --torch-peer, that PyTorch step at the same B (`--device cuda` on a GPU, `--amp` for bfloat16).
+- with --torch-peer, the project's plain PyTorch step (`benchmarks/torch_peer.py`, or the script
+  PATH) at the same B (`--device cuda` on a GPU, `--amp` for bfloat16).
 
 Prints one markdown table (rows: measurements; columns: float32, bfloat16) and, last, one JSON
 line with every number. On a CPU run it with small sizes, e.g.
@@ -57,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--window-length", type=int, default=train_step.WINDOW_LENGTH, help="T, samples per window")
     parser.add_argument("--hidden-dim", type=int, default=512, help="GRU width (shrink only for smoke runs)")
     parser.add_argument("--queue-size", type=int, default=8192)
-    parser.add_argument("--torch-peer", default="", metavar="PATH",
-                        help="a PyTorch step script (e.g. the project's peer torch_step.py) run at each B and dtype")
+    parser.add_argument("--torch-peer", nargs="?", const=train_step.TORCH_PEER, default="", metavar="PATH",
+                        help="run a PyTorch step at each B and dtype; without PATH the project's "
+                             "benchmarks/torch_peer.py")
     parser.add_argument("--torch-peer-steps", type=int, default=0, help="timed steps of the peer; 0 uses --steps")
     return parser
 

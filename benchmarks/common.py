@@ -1,17 +1,24 @@
 """Shared pieces of the benchmarks: command-line device setup, timing, the matmul reference, output.
 
 Every benchmark prints human-readable lines and, last, one JSON object (`run_cli`), so that a
-script can read the numbers with `json.loads(output.splitlines()[-1])`.
+script can read the numbers with `json.loads(output.splitlines()[-1])`. With `--record DIR`
+that object is also appended, as one line with the command, date, git commit, machine and load
+around it (`record_result`), to `DIR/<benchmark>.jsonl`; `python -m benchmarks.report` turns
+those files into the tables of docs/benchmarks.md.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
-from typing import Callable
+from typing import Callable, Optional, Sequence
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,22 +39,25 @@ def apply_device_arguments(args: argparse.Namespace) -> None:
         os.environ["XLA_FLAGS"] = " ".join(flags)
 
 
-def machine_description() -> dict:
-    """CPU model, logical cores, 1-minute load average and the jax backend, for the results table."""
-    import jax
-
-    model = platform.processor() or "unknown"
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo's "model name", else platform.processor())."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or "unknown"
+
+
+def machine_description() -> dict:
+    """CPU model, logical cores, 1-minute load average and the jax backend, for the results table."""
+    import jax
+
     devices = jax.devices()
     return {
-        "cpu": model,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "load_avg_1min": round(os.getloadavg()[0], 2),
         "backend": jax.default_backend(),
@@ -123,12 +133,81 @@ def matmul_peaks(mesh, size: int, names=MATMUL_PEAKS) -> dict[str, float]:
     return peaks
 
 
+def add_record_argument(parser: argparse.ArgumentParser) -> None:
+    """--record DIR: append the result to DIR/<benchmark>.jsonl (see `record_result`)."""
+    parser.add_argument("--record", default="", metavar="DIR",
+                        help="append the final JSON line, with the git commit, machine and load, to "
+                             "DIR/<benchmark>.jsonl (e.g. docs/benchmarks)")
+
+
+def benchmark_name(parser: argparse.ArgumentParser) -> str:
+    """"train_step" for the parser of `python -m benchmarks.train_step`."""
+    return parser.prog.split()[-1].rsplit(".", 1)[-1]
+
+
+def git_commit(repository: str = REPOSITORY) -> tuple[str, bool]:
+    """(HEAD's commit, whether tracked files differ from it), or ("unknown", False) outside a git checkout."""
+    def git(*arguments):
+        return subprocess.run(["git", "-C", repository, *arguments], capture_output=True, text=True, check=False)
+
+    head = git("rev-parse", "HEAD")
+    if head.returncode != 0:
+        return "unknown", False
+    return head.stdout.strip(), bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip())
+
+
+def without_record_argument(argv: Sequence[str]) -> list[str]:
+    """argv without `--record DIR` / `--record=DIR`, which says where a result goes, not what was measured."""
+    kept, skip = [], False
+    for argument in argv:
+        if skip:
+            skip = False
+        elif argument == "--record":
+            skip = True
+        elif not argument.startswith("--record="):
+            kept.append(argument)
+    return kept
+
+
+def record_result(directory: str, benchmark: str, result: dict, argv: Optional[Sequence[str]] = None) -> str:
+    """Appends one JSON line for `result` to `directory/<benchmark>.jsonl` and returns the file's path.
+
+    The line is {"benchmark", "command" (python -m benchmarks.<benchmark> and argv, default
+    sys.argv[1:], less --record DIR), "date" (UTC, ISO 8601), "commit", "dirty" (tracked files changed since the
+    commit), "machine": {"cpu", "cores"}, "load_avg_1min" (os.getloadavg at the end of the run),
+    "result"}. The line is written with one write call and flushed to disk, so a file holds
+    whole lines only, and earlier lines are never rewritten.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    commit, dirty = git_commit()
+    record = {
+        "benchmark": benchmark,
+        "command": " ".join(["python", "-m", f"benchmarks.{benchmark}", *without_record_argument(argv)]),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "commit": commit,
+        "dirty": dirty,
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count()},
+        "load_avg_1min": round(os.getloadavg()[0], 2),
+        "result": result,
+    }
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"{benchmark}.jsonl")
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return path
+
+
 def run_cli(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], dict],
             summary: Callable[[dict], list[str]], argv=None) -> int:
     """Parses argv, runs the benchmark, prints its summary lines and then the JSON line; 0 on success.
 
-    A ValueError from `run` (bad arguments) prints one error sentence and returns 1.
+    A ValueError from `run` (bad arguments) prints one error sentence and returns 1. The parser
+    gets `--record DIR` here, so every benchmark that runs through run_cli can record its result.
     """
+    add_record_argument(parser)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     try:
         if hasattr(args, "host_devices"):
@@ -141,6 +220,8 @@ def run_cli(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace],
     for line in summary(result):
         print(line)
     print(json.dumps(result, sort_keys=True), flush=True)
+    if args.record:
+        print(f"recorded in {record_result(args.record, benchmark_name(parser), result, argv)}", file=sys.stderr)
     return 0
 
 
@@ -149,8 +230,6 @@ def run_json_child(command: list[str], what: str) -> dict:
 
     Raises RuntimeError naming `what` with the end of the child's stderr when it fails.
     """
-    import subprocess
-
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{what} failed: {done.stderr.strip()[-2000:]}")

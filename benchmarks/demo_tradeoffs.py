@@ -1,6 +1,7 @@
 """Where the demo's time buys transfer: PRIMUS pretraining steps x watch window hop, scored by the suite.
 
     python -m benchmarks.demo_tradeoffs --workdir runs/tradeoffs [--hops 125,50] [--steps 300[,750,...]]
+        [--record DIR]
 
 For each hop the watch data is prepared with windows every `hop` samples (T = 250), and one PRIMUS
 run of configs/demo.py trains on its training subjects; the run stops at each step count in turn
@@ -18,6 +19,7 @@ import os
 import shutil
 import time
 
+from benchmarks import common
 from configs import demo as demo_config
 from primus_jax import demo, suite, train, towers
 
@@ -27,6 +29,7 @@ def main() -> None:
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--hops", default="125,50")
     parser.add_argument("--steps", default="300")
+    common.add_record_argument(parser)
     args = parser.parse_args()
     hops = [int(h) for h in args.hops.split(",")]
     steps = sorted(int(s) for s in args.steps.split(","))
@@ -57,7 +60,10 @@ def main() -> None:
     start = time.perf_counter()
     suite.run_suite(encoders, demo.suite_datasets(eval_paths, settings), os.path.join(args.workdir, "suite"), settings)
     timings["suite"] = time.perf_counter() - start
-    print(json.dumps({name: round(seconds, 1) for name, seconds in timings.items()}))
+    seconds = {name: round(value, 1) for name, value in timings.items()}
+    print(json.dumps(seconds))
+    if args.record:
+        common.record_result(args.record, "demo_tradeoffs", {"benchmark": "demo_tradeoffs", "seconds": seconds})
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """What the encoder's first layer keeps: the statistics floor on raw windows vs GroupNorm-ed windows.
 
-    python -m benchmarks.input_normalisation --dataset watch=DIR@heldout --dataset DIR ...
+    python -m benchmarks.input_normalisation --dataset watch=DIR@heldout --dataset DIR ... [--record DIR]
 
 The encoder's first layer is GroupNorm(2 groups) over (3 axes x T) per sensor (SPEC §1): per window
 and sensor, x -> (x - m) / s with m, s the mean and standard deviation over the triplet's 3 x T
@@ -21,6 +21,7 @@ import json
 
 import numpy as np
 
+from benchmarks import common
 from primus_jax import evaluate, suite
 
 
@@ -32,10 +33,11 @@ def group_standardize(windows: np.ndarray, eps: float = 1e-5) -> np.ndarray:
     return ((x - mean) / np.sqrt(var + eps)).reshape(windows.shape).astype(np.float32)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", action="append", required=True, metavar="[NAME=]DIR[@SPLIT,...]")
-    args = parser.parse_args()
+    common.add_record_argument(parser)
+    args = parser.parse_args(argv)
     settings = suite.SuiteSettings()
     means = {}
     for spec in args.dataset:
@@ -51,6 +53,9 @@ def main() -> None:
             print(f"{dataset.name}, statistics of {label}: {cells}")
             means[f"{dataset.name}, {label}"] = {k: round(v["mean"], 4) for k, v in result.items()}
     print(json.dumps(means))
+    if args.record:
+        common.record_result(args.record, "input_normalisation", {"benchmark": "input_normalisation",
+                                                                  "mean_accuracy": means}, argv)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Throughput of the full PRIMUS train step, against matmul peaks measured on the same devices.
 
     python -m benchmarks.train_step --batch-size 64 --steps 20 [--compute-dtype bfloat16]
-        [--matmul-precision default|high|highest] [--torch-peer PATH/TO/torch_step.py]
+        [--matmul-precision default|high|highest] [--torch-peer [PATH]] [--rounds R] [--record DIR]
 
 The step is `train.make_steps`' train_step with the default config (two views, SS + MM + NN,
 the 1.4M-parameter encoder, queue of 8192) on synthetic windows of T=250 samples with 512-d text
@@ -15,9 +15,9 @@ GPU program leaves out library matmuls); achieved GFLOP/s = FLOPs * steps / seco
 to three (size x size) matmul peaks timed in this process (`common.MATMUL_PEAKS`: float32 at
 `highest`, float32 at `default`, bfloat16); and MFU = achieved / the peak of the kind the step's
 matmuls use (bfloat16 for --compute-dtype bfloat16, else float32 at --matmul-precision).
-With --torch-peer PATH (a PyTorch step script that takes --batch-size, --steps, --device and
---amp and prints a JSON line with samples_per_s, such as the project's peer torch_step.py), that
-script is run in a subprocess right after ours at the same B, on the same device kind, with
+With --torch-peer (the project's plain PyTorch step, `benchmarks/torch_peer.py`; or
+--torch-peer PATH, any script that takes --batch-size, --steps, --device and --amp and prints a
+JSON line with samples_per_s), that script is run in a subprocess right after ours at the same B, on the same device kind, with
 --amp for bfloat16, and the ratio ours / peer is reported. With --rounds R > 1 the two are
 interleaved: R rounds of (our --steps steps, then the peer's), reporting each round's rates and
 ratio and their medians, so that a host whose speed drifts during the run (a shared machine)
@@ -37,6 +37,7 @@ from benchmarks import common
 
 WINDOW_LENGTH = 250
 EMBEDDING_DIM = 512
+TORCH_PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_peer.py")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hidden-dim", type=int, default=512, help="GRU width (and head width), default model 512")
     parser.add_argument("--config-override", action="append", default=[], metavar="a.b=value",
                         help="extra override of configs/default.py, e.g. objective.use_nn=False")
-    parser.add_argument("--torch-peer", default="", metavar="PATH",
-                        help="a PyTorch step script to run at the same B after ours (needs torch)")
+    parser.add_argument("--torch-peer", nargs="?", const=TORCH_PEER, default="", metavar="PATH",
+                        help="run a PyTorch step at the same B after ours (needs torch); without PATH the "
+                             "project's benchmarks/torch_peer.py")
     parser.add_argument("--torch-peer-steps", type=int, default=0,
                         help="timed steps of the torch peer; 0 uses --steps")
     parser.add_argument("--rounds", type=int, default=1,

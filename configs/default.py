@@ -38,7 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.gru_over = "channels"  # the reference's quirk; "time" is the time-major variant
     config.model.dtype = "float32"  # compute dtype of activations: "float32" or "bfloat16"
     # float32 matmuls/convs: "default" (TF32 on recent NVIDIA GPUs, one bf16 pass on TPU, float32 on
-    # CPU), "high" or "highest" (float32 everywhere); see primus_jax/precision.py and the README.
+    # CPU), "high" or "highest" (float32 everywhere); see primus_jax/precision.py and docs/pretraining.md.
     config.model.matmul_precision = "default"
 
     # Objective (SPEC §2): alpha = ssl_coeff; each term can be switched off.

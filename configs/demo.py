@@ -42,7 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.demo.watch_hop = 50  # samples between watch window starts (1 s; 0: T/2 = 2.5 s)
     # Frozen features probed: the ssl head (augmentation-invariant) and the mmcl head (text space,
     # the reference's downstream feature). With 7 class names as the only narrations, mmcl is
-    # pulled towards a 7-point text space; the README discusses what that does out of domain.
+    # pulled towards a 7-point text space; the README's demo result shows what that does out of domain.
     config.demo.features = ("ssl", "mmcl")
     config.demo.shots = (1, 2, 5, 10, 20)
     config.demo.table_shots = 10

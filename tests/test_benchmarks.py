@@ -204,3 +204,143 @@ def test_records_keep_four_significant_figures_of_small_and_large_values():
     assert common.significant(0.009499683) == 0.0095
     assert common.significant(123456.7) == 123500.0
     assert common.significant(2.0 / 3.0, 6) == 0.666667
+
+
+def test_torch_peer_is_the_default_peer_and_is_the_reference_sized_model():
+    import torch
+
+    from benchmarks import torch_peer
+
+    assert train_step.build_parser().parse_args(["--torch-peer"]).torch_peer == train_step.TORCH_PEER
+    assert train_step.build_parser().parse_args([]).torch_peer == ""
+    assert os.path.isfile(train_step.TORCH_PEER)
+    assert sum(p.numel() for p in torch_peer.Encoder().parameters()) == 1_376_204
+    # every row of the augmented view is a permutation of its time steps made of 5 contiguous runs
+    x = torch.arange(3 * 6 * 40, dtype=torch.float32).reshape(3, 6, 40)
+    y = torch_peer.segment_permutation(x, torch.Generator().manual_seed(0))
+    for b in range(3):
+        assert torch.equal(torch.sort(y[b, 0]).values, x[b, 0])
+        assert torch.equal(y[b] - y[b, :1], x[b] - x[b, :1])  # the same gather for all six channels
+        assert int((y[b, 0].diff() != 1).sum()) <= 4
+
+
+def test_torch_peer_runs_a_step_and_records_its_line(tmp_path, capsys):
+    from benchmarks import torch_peer
+
+    assert torch_peer.main(["--batch-size", "4", "--steps", "1", "--warmup-steps", "1", "--record", str(tmp_path)]) == 0
+    result = final_json(capsys)
+    assert result["batch_size"] == 4 and result["samples_per_s"] > 0 and np.isfinite(result["final_loss"])
+    (line,) = (tmp_path / "torch_peer.jsonl").read_text().splitlines()
+    assert json.loads(line)["result"] == result
+
+
+def test_record_appends_the_result_with_command_commit_machine_and_load(tmp_path):
+    from tests.train_fixtures import repo_root
+
+    head = subprocess.run(["git", "-C", repo_root(), "rev-parse", "HEAD"], capture_output=True, text=True)
+    expected_commit = head.stdout.strip() if head.returncode == 0 else "unknown"
+    for value in (1, 2):
+        path = common.record_result(str(tmp_path / "records"), "main_loop", {"ratio": value}, ["--steps", "6"])
+    lines = [json.loads(line) for line in open(path)]
+    assert path.endswith("main_loop.jsonl") and [line["result"] for line in lines] == [{"ratio": 1}, {"ratio": 2}]
+    first = lines[0]
+    assert first["command"] == "python -m benchmarks.main_loop --steps 6" and first["commit"] == expected_commit
+    assert first["machine"] == {"cpu": common.cpu_model(), "cores": os.cpu_count()}
+    assert first["load_avg_1min"] >= 0 and first["date"].endswith("Z") and isinstance(first["dirty"], bool)
+
+
+def test_a_benchmark_given_record_appends_the_json_line_it_prints(tmp_path, capsys):
+    assert peak_memory.main(["--record", str(tmp_path), "--", sys.executable, "-c", "pass"]) == 0
+    printed = final_json(capsys)
+    (line,) = (tmp_path / "peak_memory.jsonl").read_text().splitlines()
+    record = json.loads(line)
+    assert record["result"] == printed and record["benchmark"] == "peak_memory"
+    assert record["command"] == f"python -m benchmarks.peak_memory -- {sys.executable} -c pass"  # no --record DIR
+    assert common.without_record_argument(["--a", "--record", "d", "--record=e", "b"]) == ["--a", "b"]
+
+
+def _main_loop_record(date: str, command: str, loop_rate: float) -> dict:
+    return {"benchmark": "main_loop", "command": command, "date": date, "commit": "0123456789abcdef", "dirty": False,
+            "machine": {"cpu": "Some CPU", "cores": 2}, "load_avg_1min": 1.5,
+            "result": {"batch_size": 64, "workers": 1, "loop_samples_per_s": loop_rate,
+                       "step_samples_per_s": 300.0, "ratio": loop_rate / 300.0}}
+
+
+def test_report_rewrites_only_the_marked_tables_with_the_newest_record_per_command(tmp_path, capsys):
+    from benchmarks import report
+
+    records = tmp_path / "records"
+    records.mkdir()
+    lines = [_main_loop_record("2026-01-02T00:00:00Z", "python -m benchmarks.main_loop", 250.0),
+             _main_loop_record("2026-01-01T00:00:00Z", "python -m benchmarks.main_loop --steps 30", 111.0),
+             _main_loop_record("2026-01-03T00:00:00Z", "python -m benchmarks.main_loop", 302.4)]
+    (records / "main_loop.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\nProse before.\n\n<!-- report: main_loop -->\nstale\n"
+                   "<!-- end report: main_loop -->\n\nProse after.\n")
+    arguments = ["--records", str(records), "--doc", str(doc)]
+    assert report.main(arguments + ["--check"]) == 1
+    assert report.main(arguments) == 0
+    text = doc.read_text()
+    assert text.startswith("# Benchmarks\n\nProse before.\n\n<!-- report: main_loop -->\n| date | commit |")
+    assert text.endswith("<!-- end report: main_loop -->\n\nProse after.\n") and "stale" not in text
+    rows = [line for line in text.splitlines() if line.startswith("| 2026")]
+    # the rerun of a command replaces its row; the other command keeps its own; oldest first
+    assert len(rows) == 2 and "| 111 |" in rows[0] and "| 302.4 |" in rows[1] and "250" not in text
+    assert rows[1].startswith("| 2026-01-03 | 0123456 | Some CPU, 2 cores | 1.5 | 64 | 1 | 302.4 | 300 | 1.01 |")
+    assert report.main(arguments + ["--check"]) == 0
+
+
+def test_report_refuses_records_without_a_block_and_a_block_without_records(tmp_path, capsys):
+    from benchmarks import report
+
+    records = tmp_path / "records"
+    records.mkdir()
+    (records / "main_loop.jsonl").write_text(json.dumps(_main_loop_record("2026-01-01T00:00:00Z", "c", 1.0)) + "\n")
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("no blocks\n")
+    assert report.main(["--records", str(records), "--doc", str(doc)]) == 1
+    assert "main_loop.jsonl has no block in" in capsys.readouterr().err
+    doc.write_text("<!-- report: main_loop -->\n<!-- end report: main_loop -->\n"
+                   "<!-- report: train_step -->\n<!-- end report: train_step -->\n")
+    assert report.main(["--records", str(records), "--doc", str(doc)]) == 1
+    assert "has a block for 'train_step' but" in capsys.readouterr().err
+    assert doc.read_text().count("<!-- report:") == 2  # nothing written
+
+
+def test_the_repository_benchmark_tables_are_generated_from_its_records():
+    from benchmarks import report
+    from tests.train_fixtures import repo_root
+
+    docs = os.path.join(repo_root(), "docs")
+    assert report.main(["--records", os.path.join(docs, "benchmarks"), "--doc", os.path.join(docs, "benchmarks.md"),
+                        "--check"]) == 0
+
+
+def test_torch_peer_info_nce_is_ours(float32_matmuls):
+    import torch
+
+    from benchmarks import torch_peer
+    from primus_jax import losses
+
+    rng = np.random.default_rng(0)
+    query, key = rng.standard_normal((2, 8, 16)).astype(np.float32)
+    for mask in (np.ones(8, np.float32), np.array([1, 0, 1, 1, 0, 1, 1, 1], np.float32), np.zeros(8, np.float32)):
+        theirs = torch_peer.info_nce(torch.from_numpy(query), torch.from_numpy(key), torch.tensor(0.1),
+                                     torch.from_numpy(mask))
+        ours = losses.info_nce(query, key, np.float32(0.1), mask)
+        np.testing.assert_allclose(float(theirs), float(ours), rtol=1e-5, atol=1e-6)
+
+
+def test_input_normalisation_records_its_means_and_report_tabulates_them(capsys, tmp_path):
+    from benchmarks import input_normalisation, report
+    from tests.test_suite import write_labelled
+
+    path = write_labelled(tmp_path / "d", per_class=(3, 3, 3))
+    input_normalisation.main(["--dataset", f"d={path}", "--record", str(tmp_path / "records")])
+    means = final_json(capsys)
+    (record,) = report.read_records(str(tmp_path / "records" / "input_normalisation.jsonl"))
+    assert record["result"] == {"benchmark": "input_normalisation", "mean_accuracy": means}
+    table = report.table("input_normalisation", [record]).splitlines()
+    assert table[0].startswith("| date | commit | machine | load | dataset, features | 1-shot | 2-shot | 5-shot |")
+    assert len(table) == 4 and f"| {means['d, raw windows']['5']:.3f} |" in table[2]

@@ -269,16 +269,16 @@ def test_cli_reports_bad_arguments(tmp_path, capsys):
     assert "Unknown text tower spec 'bogus'" in capsys.readouterr().err
 
 
-def _readme_har_source_example() -> str:
-    """The Python block under README's "example: har source" marker."""
-    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md"), encoding="utf-8").read()
-    block = readme.split("<!-- example: har source -->", 1)[1].split("```python", 1)[1]
+def _doc_har_source_example() -> str:
+    """The Python block under docs/data_prep.md's "example: har source" marker."""
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "data_prep.md")
+    block = open(path, encoding="utf-8").read().split("<!-- example: har source -->", 1)[1].split("```python", 1)[1]
     return block.split("```", 1)[0]
 
 
-def test_readme_source_example_prepares_a_dataset(tmp_path):
+def test_doc_source_example_prepares_a_dataset(tmp_path):
     namespace = {}
-    exec(compile(_readme_har_source_example(), "README.md example", "exec"), namespace)
+    exec(compile(_doc_har_source_example(), "docs/data_prep.md example", "exec"), namespace)
     folder = tmp_path / "raw"
     folder.mkdir()
     t = np.arange(600) / 100.0  # 6 s at 100 Hz
