@@ -135,10 +135,33 @@ def abstract_inputs(config, dims, mesh):
     return state, batch
 
 
+class OutOfHbm(Exception):
+    """XLA refused to compile a step that does not fit a device's HBM: needed and available bytes."""
+
+    def __init__(self, needed: float, available: float):
+        super().__init__(f"{needed} bytes needed, {available} available")
+        self.needed, self.available = needed, available
+
+
+_XLA_OUT_OF_HBM = re.compile(r"Ran out of memory .*?\(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)")
+_UNIT = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
 def compile_step(jitted, state, batch, analytic_flops: float) -> tuple[StepReport, str]:
-    """Lower and compile `jitted(state, batch)`; its StepReport and compiled HLO text."""
+    """Lower and compile `jitted(state, batch)`; its StepReport and compiled HLO text. OutOfHbm when
+    XLA refuses a program bigger than the device's HBM."""
+    import jax
+
     started = time.perf_counter()
-    compiled = jitted.lower(state, batch).compile()
+    lowered = jitted.lower(state, batch)
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as error:
+        found = _XLA_OUT_OF_HBM.search(str(error))
+        if not found:
+            raise
+        needed, available = (float(found.group(i)) * _UNIT[found.group(i + 1)] for i in (1, 3))
+        raise OutOfHbm(needed, available) from None
     compile_s = time.perf_counter() - started
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -155,28 +178,30 @@ def compile_step(jitted, state, batch, analytic_flops: float) -> tuple[StepRepor
     return report, hlo
 
 
-def hbm_problem(report: StepReport, step: str, topo, config) -> str | None:
-    """The sentence refusing a step whose per-device total exceeds the device's HBM, or None: both
-    numbers and the config fields that reduce the total."""
+def hbm_problem(step: str, needed: float, available: float, queue_bytes: int, topo, config) -> str | None:
+    """The sentence refusing a step that needs more than the `available` bytes of a device, or None:
+    both numbers and the config fields that reduce the need."""
     from primus_jax import queue as nn_queue
 
-    hbm = topo.hbm_bytes_per_device
-    if report.total_bytes <= hbm:
+    if needed <= available:
         return None
     fields = ["train.global_batch_size (or --per-chip-batch)"]
-    if report.queue_bytes > 0.1 * report.total_bytes:
+    if queue_bytes > 0.1 * needed:
         sharded = nn_queue.shards_over(config.queue.size, len(topo.devices))
         fields.append("queue.size" if sharded else f"queue.size (a multiple of the {len(topo.devices)} devices is sharded)")
     fields += ["model.hidden_dim", "model.dtype='bfloat16'"]
-    return (f"the {step} step needs {report.total_bytes / 2**30:.2f} GiB per device, more than the "
-            f"{hbm / 2**30:.2f} GiB of HBM of a {topo.generation} device; reduce it with {', '.join(fields)}")
+    return (f"the {step} step needs {needed / 2**30:.2f} GiB per device, more than the {available / 2**30:.2f} GiB "
+            f"of HBM of a {topo.generation} device; reduce it with {', '.join(fields)}")
 
 
-def compile_for_topology(config, topo, window_length: int = 250, per_chip_batch: int = 0):
-    """Compile config's train step, then its eval step, for `topo` (a `topology.Topology`).
+def compile_for_topology(config, topo, window_length: int = 250, per_chip_batch: int = 0,
+                         steps: tuple[str, ...] = ("train", "eval")):
+    """Compile config's train step, then its eval step (those of `steps`), for `topo` (a
+    `topology.Topology`).
 
     Returns (config as compiled, {"train": (StepReport, hlo), "eval": ...}, refusal): refusal is the
-    `hbm_problem` sentence of the train step, in which case the eval step is not compiled.
+    `hbm_problem` sentence of the first step over the HBM (its total above `topo`'s table, or XLA's
+    own refusal to compile it), after which nothing more is compiled.
     Raises train.ConfigError (one sentence) before compiling a config that cannot run on the mesh.
     """
     from primus_jax import flops, train
@@ -196,14 +221,20 @@ def compile_for_topology(config, topo, window_length: int = 250, per_chip_batch:
     except ValueError as error:  # the optimizer's schedule
         raise train.ConfigError(str(error)) from None
     state, batch = abstract_inputs(config, dims, mesh)
-    steps = {}
+    compiled = {}
+    queue_bytes = _device_bytes(state.queue)
     for name, jitted, backward in (("train", train_step, True), ("eval", eval_step, False)):
+        if name not in steps:
+            continue
         analytic = flops.step_flops(config, window_length, dims.text_dim, dims.video_dim, backward=backward).total
-        steps[name] = compile_step(jitted, state, batch, analytic / mesh.size)
-        refusal = hbm_problem(steps[name][0], name, topo, config)
+        try:
+            compiled[name] = compile_step(jitted, state, batch, analytic / mesh.size)
+        except OutOfHbm as refused:
+            return config, compiled, hbm_problem(name, refused.needed, refused.available, queue_bytes, topo, config)
+        refusal = hbm_problem(name, compiled[name][0].total_bytes, topo.hbm_bytes_per_device, queue_bytes, topo, config)
         if refusal:
-            return config, steps, refusal
-    return config, steps, None
+            return config, compiled, refusal
+    return config, compiled, None
 
 
 def _gib(n: float) -> str:
@@ -271,7 +302,8 @@ def main(argv) -> None:
     except (topology.TopologyError, train.ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    print(format_table(topo, config, steps))
+    if steps:
+        print(format_table(topo, config, steps))
     print(json.dumps(summary(topo, config, steps, refusal)))
     if refusal:
         print(f"error: {refusal}", file=sys.stderr)
