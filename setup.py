@@ -38,8 +38,10 @@ setup(
         # with 4.9.10 next to tensorflow-cpu 2.21 and protobuf 6.33); apache-beam: the DirectRunner test.
         # torch: reading the reference's Lightning checkpoint in the suite test (2.13.0, the CPU build
         # the development machines hold; an unpinned torch would pull a multi-GB CUDA build).
+        # jax[tpu]: libtpu, with which tests/test_compile.py compiles the steps for TPU topologies on the
+        # CPU (tests/conftest.py sets JAX_PLATFORMS=cpu, so no test starts a TPU runtime).
         "test": ["pytest>=8", "pytest-xdist>=3.5", "tensorflow-cpu>=2.16", "tensorflow-datasets>=4.9.10,<5",
-                 "gcp-storage-emulator>=2026.7", "apache-beam>=2.77", "torch==2.13.0"],
+                 "gcp-storage-emulator>=2026.7", "apache-beam>=2.77", "torch==2.13.0", "jax[tpu]>=0.10.2,<0.12"],
         # data_prep --runner DirectRunner|DataflowRunner|FlinkRunner|SparkRunner (data_prep/beam_pipeline.py);
         # 2.77 installs on Python 3.11 next to tensorflow-cpu 2.21 and jax 0.10 (protobuf 6.33).
         "beam": ["apache-beam>=2.77"],

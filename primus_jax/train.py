@@ -139,6 +139,7 @@ def objective_config(config: ml_collections.ConfigDict, dims: DataDims) -> losse
         use_mm_text=obj.use_mm_text and dims.text_dim > 0,
         use_mm_video=obj.use_mm_video and dims.video_dim > 0,
         use_nn=obj.use_nn,
+        negative_groups=obj.get("negative_groups", 1),
     )
 
 
@@ -349,6 +350,9 @@ def validate_config(config: ml_collections.ConfigDict, dims: DataDims, num_devic
             f"use a multiple of {num_devices}")
     if not 0.0 <= config.objective.alpha <= 1.0:
         problems.append(f"objective.alpha must lie in [0, 1], got {config.objective.alpha}")
+    groups = config.objective.get("negative_groups", 1)
+    if groups < 1 or (g > 0 and g % groups):
+        problems.append(f"objective.negative_groups={groups} must be at least 1 and divide train.global_batch_size={g}")
     if config.objective.temperature_init <= 0:
         problems.append(f"objective.temperature_init must be positive, got {config.objective.temperature_init}")
     if config.model.dtype not in DTYPES:
