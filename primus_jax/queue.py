@@ -293,12 +293,11 @@ def lookup_sharded(queue: NNQueue, imu, text, video, has_text, has_video, mesh: 
         }
 
     rows = PartitionSpec(axis)
-    found = jax.shard_map(
+    return jax.shard_map(
         local, mesh=mesh, in_specs=(partition_specs(axis), rows, rows, rows, rows, rows),
         out_specs={k: rows for k in ("imu", "text", "video", "has_text", "has_video", "valid", "index")},
         check_vma=False,
     )(queue, *(jax.lax.stop_gradient(x) for x in (imu, text, video)), has_text, has_video)
-    return found
 
 
 def enqueue_sharded(queue: NNQueue, imu, text, video, has_text, has_video, mesh: Mesh,
