@@ -42,9 +42,11 @@ setup(
         # projectaria-tools is installed beside it with --no-deps (README's test command): its declared
         # dependencies (jupyter, rerun-sdk, moviepy) serve its viewers, and moviepy's pillow<12
         # contradicts apache-beam's pillow>=12.1.1; reading VRS needs only numpy.
+        # jax[tpu]: libtpu, with which tests/test_compile.py compiles the steps for TPU topologies on the
+        # CPU (tests/conftest.py sets JAX_PLATFORMS=cpu, so no test starts a TPU runtime).
         "test": ["pytest>=8", "pytest-xdist>=3.5", "tensorflow-cpu>=2.16", "tensorflow-datasets>=4.9.10,<5",
                  "gcp-storage-emulator>=2026.7", "apache-beam>=2.77", "torch==2.13.0",
-                 "onnx>=1.17", "onnxruntime>=1.20"],
+                 "onnx>=1.17", "onnxruntime>=1.20", "jax[tpu]>=0.10.2,<0.12"],
         # data_prep --runner DirectRunner|DataflowRunner|FlinkRunner|SparkRunner (data_prep/beam_pipeline.py);
         # 2.77 installs on Python 3.11 next to tensorflow-cpu 2.21 and jax 0.10 (protobuf 6.33).
         "beam": ["apache-beam>=2.77"],

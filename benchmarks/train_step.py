@@ -150,7 +150,7 @@ def compile_step(args: argparse.Namespace, mesh=None):
                           text_dim=EMBEDDING_DIM, video_dim=EMBEDDING_DIM)
     mesh = train.make_mesh() if mesh is None else mesh
     train.validate_config(config, dims, mesh.size)
-    state = train.replicate(train.create_train_state(config, dims), mesh)
+    state = train.place_state(train.create_train_state(config, dims), mesh)
     batch = train.prepare_batch(synthetic_batch(args.batch_size, args.window_length, EMBEDDING_DIM),
                                 dims, config.model.mm_dim, mesh)
     train_step, _ = train.make_steps(config, dims, mesh)

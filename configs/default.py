@@ -52,6 +52,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.objective.temperature_init = 0.1
     config.objective.augmentations = ("scaling", "permute")  # what the reference actually runs
     config.objective.nn_retrieve_by = "auto"  # video, then text, then IMU; "imu" forces IMU features
+    # Contrastive negatives: 1 = the whole global batch; k = each sample's block of G/k consecutive
+    # samples (the number of devices: each device's own batch, as the reference's per-GPU 16).
+    config.objective.negative_groups = 1
 
     config.queue = ml_collections.ConfigDict()
     config.queue.size = 8192

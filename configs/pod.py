@@ -10,6 +10,10 @@ data.dir is the folder that holds the prepared datasets the mixture names. The e
 fields point at prepared labelled datasets (a train and a test split, class names, and for
 zero-shot the class prompts); an evaluator whose dataset is missing is reported once and
 switched off, and training goes on. Add `--config.train.profile_steps="(100, 110)"` for a profile.
+
+Before renting the pod, compile this config for it on any machine (docs/pod.md):
+
+    python -m primus_jax.compile --config configs/pod.py --topology v5e:16x16 --per_chip_batch 64
 """
 import ml_collections
 

@@ -34,7 +34,8 @@ constant), plus S - 1 (H, B) x (B, 3H) matmuls accumulating dW_hh: 2x its forwar
 Step, for a global batch B (the encoder runs on 2B windows, both views), D_e = embedding width:
 
     encoder        2B x (forward + backward) per window
-    info_nce       2 B B D_e per term (q k^T); backward 2x for L_SS (both sides are encoder
+    info_nce       2 B M D_e per term (q k^T), M = B / objective.negative_groups the keys each
+                   query meets (B by default); backward 2x for L_SS (both sides are encoder
                    outputs), 1x for the other terms (the key is a fixed target or neighbour)
     NN look-up     2 B Q D per similarity matmul against a queue of Q slots; no backward
                    (stop_gradient). nn_retrieve_by="imu" runs one; "auto" runs one per modality
@@ -116,8 +117,9 @@ def step_flops(config: ml_collections.ConfigDict, window_length: int, text_dim: 
     terms = active_info_nce_terms(config, text_dim, video_dim)
     # Every term's two sides have the head width: ssl_dim for the IMU-only terms, mm_dim otherwise.
     widths = {t: config.model.ssl_dim if t in ("ss", "nn_ss") else config.model.mm_dim for t in terms}
-    loss_forward = sum(2.0 * b * b * widths[t] for t in terms)
-    loss_backward = sum(2.0 * b * b * widths[t] * (2 if t == "ss" else 1) for t in terms)
+    negatives = b // config.objective.get("negative_groups", 1)  # keys each query meets
+    loss_forward = sum(2.0 * b * negatives * widths[t] for t in terms)
+    loss_backward = sum(2.0 * b * negatives * widths[t] * (2 if t == "ss" else 1) for t in terms)
     lookup = 0.0
     if config.objective.use_nn:
         unknown = set(lookup_modalities) - set(LOOKUP_MODALITIES)

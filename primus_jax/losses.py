@@ -39,6 +39,7 @@ def info_nce(
     key: jax.Array,
     temperature: jax.Array,
     mask: Optional[jax.Array] = None,
+    groups: int = 1,
 ) -> jax.Array:
     """Symmetric InfoNCE with in-batch negatives, a scalar.
 
@@ -50,16 +51,31 @@ def info_nce(
     (mask m: (B,) bool or float, default all ones). Masked samples still appear in every
     logsumexp, i.e. they remain negatives for the others. A fully masked batch gives 0 with
     zero (finite) gradients. For unrelated inputs the loss is about 2 ln B (chance level).
+
+    groups > 1 bounds the negatives: the batch is cut into `groups` consecutive blocks of
+    m = B / groups rows, S becomes (groups, m, m) block-diagonal logits, and each sample's
+    negatives are the m - 1 others of its block; the two masked means are still over all B
+    samples. On a mesh of n devices, groups = n gives each device its own rows as negatives (the
+    reference's per-GPU batches), and the logits cost B m instead of B^2.
     """
     if query.ndim != 2 or query.shape != key.shape:
         raise ValueError(
             f"info_nce needs query and key of the same shape (B, D), got {tuple(query.shape)} "
             f"and {tuple(key.shape)}."
         )
-    logits = l2_normalize(query) @ l2_normalize(key).T / temperature
-    positives = jnp.diagonal(logits)
-    row_losses = jax.nn.logsumexp(logits, axis=1) - positives
-    column_losses = jax.nn.logsumexp(logits, axis=0) - positives
+    if groups < 1 or query.shape[0] % groups:
+        raise ValueError(f"info_nce: a batch of {query.shape[0]} does not split into {groups} groups of negatives.")
+    if groups == 1:
+        logits = l2_normalize(query) @ l2_normalize(key).T / temperature
+        positives = jnp.diagonal(logits)
+        row_losses = jax.nn.logsumexp(logits, axis=1) - positives
+        column_losses = jax.nn.logsumexp(logits, axis=0) - positives
+    else:
+        blocks = lambda x: l2_normalize(x).reshape(groups, -1, x.shape[-1])
+        logits = jnp.einsum("gid,gjd->gij", blocks(query), blocks(key)) / temperature
+        positives = jnp.diagonal(logits, axis1=1, axis2=2)
+        row_losses = (jax.nn.logsumexp(logits, axis=2) - positives).reshape(-1)
+        column_losses = (jax.nn.logsumexp(logits, axis=1) - positives).reshape(-1)
     weights = jnp.ones(query.shape[0], logits.dtype) if mask is None else mask.astype(logits.dtype)
     return _masked_mean(row_losses, weights) + _masked_mean(column_losses, weights)
 
@@ -90,7 +106,8 @@ class ObjectiveConfig:
     and each NN term also follows its base switch: L_NN,t needs use_mm_text, L_NN,v needs
     use_mm_video, L_NN,ss needs use_ss. Examples: PRIMUS = defaults; SimCLR-like =
     alpha 1, use_mm_text = use_mm_video = use_nn = False; IMU2CLIP-like = alpha 0,
-    use_ss = use_nn = False.
+    use_ss = use_nn = False. negative_groups: `info_nce`'s groups for every term (1: the negatives
+    are the whole global batch).
     """
 
     alpha: float = 0.5
@@ -98,6 +115,7 @@ class ObjectiveConfig:
     use_mm_text: bool = True
     use_mm_video: bool = True
     use_nn: bool = True
+    negative_groups: int = 1
 
 
 TERM_NAMES = ("ss", "mm_text", "mm_video", "nn_text", "nn_video", "nn_ss")
@@ -160,23 +178,24 @@ def primus_objective(
     _require_keys(temperatures, ("mm", "ss"), "temperatures")
 
     tau_mm, tau_ss = temperatures["mm"], temperatures["ss"]
+    groups = cfg.negative_groups
     ssl0, mmcl0 = view0["ssl"], view0["mmcl"]
     zero = jnp.zeros((), jnp.float32)
     terms = dict.fromkeys(TERM_NAMES, zero)
     if cfg.use_ss:
-        terms["ss"] = info_nce(ssl0, view1["ssl"], tau_ss)
+        terms["ss"] = info_nce(ssl0, view1["ssl"], tau_ss, groups=groups)
     if cfg.use_mm_text:
-        terms["mm_text"] = info_nce(mmcl0, targets["text_emb"], tau_mm, targets["has_text"])
+        terms["mm_text"] = info_nce(mmcl0, targets["text_emb"], tau_mm, targets["has_text"], groups=groups)
     if cfg.use_mm_video:
-        terms["mm_video"] = info_nce(mmcl0, targets["video_emb"], tau_mm, targets["has_video"])
+        terms["mm_video"] = info_nce(mmcl0, targets["video_emb"], tau_mm, targets["has_video"], groups=groups)
     if use_nn_text:
         nn_text_mask = neighbours["valid"] & neighbours["has_text"]
-        terms["nn_text"] = info_nce(mmcl0, neighbours["text"], tau_mm, nn_text_mask)
+        terms["nn_text"] = info_nce(mmcl0, neighbours["text"], tau_mm, nn_text_mask, groups=groups)
     if use_nn_video:
         nn_video_mask = neighbours["valid"] & neighbours["has_video"]
-        terms["nn_video"] = info_nce(mmcl0, neighbours["video"], tau_mm, nn_video_mask)
+        terms["nn_video"] = info_nce(mmcl0, neighbours["video"], tau_mm, nn_video_mask, groups=groups)
     if use_nn_ss:
-        terms["nn_ss"] = info_nce(ssl0, neighbours["imu"], tau_ss, neighbours["valid"])
+        terms["nn_ss"] = info_nce(ssl0, neighbours["imu"], tau_ss, neighbours["valid"], groups=groups)
 
     multimodal = terms["mm_text"] + terms["mm_video"] + terms["nn_text"] + terms["nn_video"]
     loss = (1.0 - alpha) * multimodal + alpha * (terms["ss"] + terms["nn_ss"])

@@ -109,6 +109,17 @@ def resolve_conv_impl(conv_impl: str, backend: str) -> str:
     return conv_impl
 
 
+def formulation_for_platform(platform: str) -> dict:
+    """{"conv_impl", "gru_unroll"} of the encoder compiled for devices of `platform` ("cpu", "gpu", "tpu").
+
+    The platform is that of the devices the step is compiled *for* (a mesh over TPU topology devices
+    compiles the TPU formulation on a CPU-only machine): "xla" convolutions and a rolled GRU loop
+    (unroll 1) on CPU; im2col matmuls and a fully unrolled GRU (True) on GPU and TPU. Both give the
+    same numbers up to float rounding.
+    """
+    return {"conv_impl": resolve_conv_impl("auto", platform), "gru_unroll": GRU_UNROLL_BY_BACKEND.get(platform, True)}
+
+
 def dilated_conv1d_matmul(x, kernel, dilation: int):
     """VALID dilated 1-D convolution (cross-correlation, as torch's Conv1d) as one matmul.
 

@@ -7,10 +7,20 @@ the train state: lookup and enqueue are pure, jittable functions of it.
 
 Each step the train step first looks up every sample's nearest neighbour among the stored
 slots, then enqueues the batch (the reference's order).
+
+On a mesh of n > 1 devices whose size divides S (`shards_over`), the train step keeps the slots
+sharded along the mesh's 'data' axis instead of replicated: device c holds its own ring of S/n
+slots, written with its own B/n samples of each global batch (`enqueue_sharded`), and the look-up
+is a sharded matmul against every device's slots followed by a global arg-max (`lookup_sharded`).
+The queue then costs S/n slots per device, and S may be smaller than the global batch: a device
+whose B/n samples outnumber its S/n slots keeps its last S/n, as a ring of S/n would after writing
+all B/n. When S is a multiple of B the stored set is the same as the replicated ring's (the last
+S/B global batches), so the neighbours are too.
 """
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from primus_jax.losses import l2_normalize
 
@@ -186,3 +196,129 @@ def enqueue(
         filled=put(queue.filled, jnp.ones((batch,), bool)),
         ptr=jnp.where(write, (queue.ptr + batch) % size, queue.ptr).astype(jnp.int32),
     )
+
+
+def shards_over(size: int, num_devices: int) -> bool:
+    """Whether a queue of `size` slots is sharded over a mesh of `num_devices` (n > 1 dividing S)."""
+    return num_devices > 1 and size % num_devices == 0
+
+
+def partition_specs(axis: str = "data") -> NNQueue:
+    """PartitionSpecs of a sharded queue: every slot array split along `axis`, ptr replicated."""
+    slots = PartitionSpec(axis)
+    return NNQueue(imu=slots, text=slots, video=slots, has_text=slots, has_video=slots, filled=slots,
+                   ptr=PartitionSpec())
+
+
+def shardings(queue: NNQueue, mesh: Mesh, axis: str = "data") -> NNQueue:
+    """NamedShardings of `queue` on `mesh`: `partition_specs` when `shards_over`, else replicated."""
+    if shards_over(queue.size, mesh.shape[axis]):
+        return jax.tree_util.tree_map(lambda spec: NamedSharding(mesh, spec), partition_specs(axis))
+    return jax.tree_util.tree_map(lambda _: NamedSharding(mesh, PartitionSpec()), queue)
+
+
+def _nearest_scored(query: jax.Array, buffer: jax.Array, eligible: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(score, index), each (B,): the best eligible cosine of each of B query rows against S stored
+    unit rows and its slot, argmax_j {C_bj : E_j}; score -inf (index 0) where no slot is eligible."""
+    similarity = jnp.where(eligible[None, :], l2_normalize(query) @ buffer.T, -jnp.inf)
+    return jnp.max(similarity, axis=1), jnp.argmax(similarity, axis=1).astype(jnp.int32)
+
+
+def _scored_if_needed(needed: jax.Array, query: jax.Array, buffer: jax.Array, eligible: jax.Array):
+    """`_nearest_scored`, or (-inf, 0) for every row (skipping the matmul) when no entry of `needed` is True."""
+    rows = query.shape[0]
+    return jax.lax.cond(
+        jnp.any(needed),
+        lambda: _nearest_scored(query, buffer, eligible),
+        lambda: (jnp.full((rows,), -jnp.inf, query.dtype), jnp.zeros((rows,), jnp.int32)),
+    )
+
+
+def lookup_sharded(queue: NNQueue, imu, text, video, has_text, has_video, mesh: Mesh,
+                   retrieve_by: str = "auto", axis: str = "data") -> dict[str, jax.Array]:
+    """`lookup` for a queue sharded along `axis` (`partition_specs`) and a batch sharded along it.
+
+    Each of the n devices holds s = S/n slots and b = B/n query rows. Device c gathers the B query
+    rows of every modality it needs, (B, D), and finds each row's best eligible local slot, its
+    cosine m_c and slot j_c (a (B, s) matmul: the look-up's FLOPs split n ways, its memory B x s).
+    The global arg-max is then M = pmax_c m_c and the winner c* = min{c : m_c = M} (so ties go to
+    the lowest global slot c s + j, as `lookup`'s arg-max over the concatenated shards would). The
+    winner contributes its row, the others zeros, and a reduce-scatter sums them into each device's
+    own b rows. Returns `lookup`'s dict, sharded along `axis`, with "index" the global slot c* s + j.
+    """
+    if retrieve_by not in RETRIEVAL_MODES:
+        raise ValueError(f"retrieve_by must be one of {RETRIEVAL_MODES}, got {retrieve_by!r}.")
+    num_devices = mesh.shape[axis]
+    if not shards_over(queue.size, num_devices):
+        raise ValueError(f"lookup_sharded: a queue of {queue.size} slots does not shard over {num_devices} devices.")
+    if imu.shape[0] % num_devices:
+        raise ValueError(f"lookup_sharded: a batch of {imu.shape[0]} does not split over {num_devices} devices.")
+    _require_batch(queue, imu, text, video, has_text, has_video, "lookup")
+    slots = queue.size // num_devices
+
+    def local(q: NNQueue, imu, text, video, has_text, has_video):
+        gather = lambda x: jax.lax.all_gather(x, axis, tiled=True)
+        if retrieve_by == "imu":
+            score, index = _nearest_scored(gather(imu), q.imu, q.filled)
+        else:
+            all_text, all_video = gather(has_text), gather(has_video)
+            by_video = all_video
+            by_text = all_text & ~all_video
+            by_imu = ~(by_video | by_text)
+            video_score, video_index = _scored_if_needed(by_video, gather(video), q.video, q.filled & q.has_video)
+            text_score, text_index = _scored_if_needed(by_text, gather(text), q.text, q.filled & q.has_text)
+            imu_score, imu_index = _scored_if_needed(by_imu, gather(imu), q.imu, q.filled)
+            score = jnp.where(by_video, video_score, jnp.where(by_text, text_score, imu_score))
+            index = jnp.where(by_video, video_index, jnp.where(by_text, text_index, imu_index))
+        device = jax.lax.axis_index(axis)
+        best = jax.lax.pmax(score, axis)
+        winner = jax.lax.pmin(jnp.where(score == best, device, num_devices), axis)
+        mine = (best > -jnp.inf) & (winner == device)
+
+        def own(values):  # (B, ...) values of the winners -> this device's (b, ...) rows
+            values = jnp.where(mine.reshape((-1,) + (1,) * (values.ndim - 1)), values, jnp.zeros_like(values))
+            return jax.lax.psum_scatter(values, axis, scatter_dimension=0, tiled=True)
+
+        own_rows = lambda slot_rows: own(slot_rows[index])
+
+        batch = imu.shape[0]
+        return {
+            "imu": own_rows(q.imu),
+            "text": own_rows(q.text),
+            "video": own_rows(q.video),
+            "has_text": own_rows(q.has_text.astype(jnp.int32)) > 0,
+            "has_video": own_rows(q.has_video.astype(jnp.int32)) > 0,
+            "valid": jax.lax.dynamic_slice_in_dim(best > -jnp.inf, device * batch, batch),
+            "index": own(winner * slots + index),
+        }
+
+    rows = PartitionSpec(axis)
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(partition_specs(axis), rows, rows, rows, rows, rows),
+        out_specs={k: rows for k in ("imu", "text", "video", "has_text", "has_video", "valid", "index")},
+        check_vma=False,
+    )(queue, *(jax.lax.stop_gradient(x) for x in (imu, text, video)), has_text, has_video)
+
+
+def enqueue_sharded(queue: NNQueue, imu, text, video, has_text, has_video, mesh: Mesh,
+                    write: jax.Array | bool = True, axis: str = "data") -> NNQueue:
+    """`enqueue` for a queue and a batch sharded along `axis`: each of the n devices writes its own
+    b = B/n rows into its own ring of s = S/n slots, all at the same ptr (advanced by min(b, s) mod s).
+    Where b > s a device writes its last s rows (the first b - s would be overwritten in the same write).
+    """
+    num_devices = mesh.shape[axis]
+    if not shards_over(queue.size, num_devices):
+        raise ValueError(f"enqueue_sharded: a queue of {queue.size} slots does not shard over {num_devices} devices.")
+    if imu.shape[0] % num_devices:
+        raise ValueError(f"enqueue_sharded: a batch of {imu.shape[0]} does not split over {num_devices} devices.")
+    _require_batch(queue, imu, text, video, has_text, has_video, "enqueue")
+    kept = min(imu.shape[0], queue.size) // num_devices
+
+    def local(q: NNQueue, write, *rows):
+        return enqueue(q, *(r[-kept:] for r in rows), write=write)
+
+    rows = PartitionSpec(axis)
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(partition_specs(axis), PartitionSpec()) + (rows,) * 5,
+        out_specs=partition_specs(axis), check_vma=False,
+    )(queue, jnp.asarray(write), imu, text, video, has_text, has_video)

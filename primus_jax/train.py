@@ -2,7 +2,10 @@
 
 Parallelism is plain data parallelism with `jax.jit` and `NamedSharding` on a 1-D mesh with axis
 'data' over every device of every process: the global batch (G, T, 6) is split along its first
-axis, while parameters, optimizer state, temperatures and the NN queue are replicated. Because the
+axis, while parameters, optimizer state and temperatures are replicated. The NN queue is sharded
+along 'data' when the mesh has several devices and their number divides queue.size (`queue.py`),
+else replicated. The encoder's formulation (convolutions, GRU unroll) follows the platform of the
+mesh's devices, not of the machine that compiles (`with_formulation`). Because the
 losses are written over the *global* batch, XLA inserts the collectives and contrastive negatives
 come from all G samples (the reference only saw its per-GPU 16). The same step therefore runs
 unchanged on one CPU, on N simulated CPU devices, on a GPU node and on a TPU slice.
@@ -19,6 +22,7 @@ One step, for a global batch x of shape (G, T, 6):
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -98,7 +102,32 @@ def build_model(model_config: ml_collections.ConfigDict) -> models.IMUEncoder:
         mm_dim=model_config.mm_dim,
         gru_over=model_config.gru_over,
         dtype=DTYPES[model_config.dtype],
+        conv_impl=model_config.get("conv_impl", "auto"),
+        gru_unroll=model_config.get("gru_unroll") or None,
     )
+
+
+def mesh_platform(mesh: Mesh) -> str:
+    """The platform ("cpu", "gpu", "tpu") of the mesh's devices."""
+    return mesh.devices.flat[0].platform
+
+
+def with_formulation(config: ml_collections.ConfigDict, mesh: Mesh) -> ml_collections.ConfigDict:
+    """A copy of config whose model.conv_impl and model.gru_unroll are those of the mesh's platform
+    (`models.formulation_for_platform`) where they are unset or "auto"; a set value is kept.
+
+    make_steps traces the model of this config, and the run exports its model config, so the train
+    step, the exported encoder and `checkpoint.load_encoder` use one formulation, also when the step
+    is compiled on a CPU for TPU devices (`primus_jax.compile`).
+    """
+    resolved = copy.deepcopy(config)
+    chosen = models.formulation_for_platform(mesh_platform(mesh))
+    with resolved.unlocked():
+        if resolved.model.get("conv_impl", "auto") == "auto":
+            resolved.model.conv_impl = chosen["conv_impl"]
+        if not resolved.model.get("gru_unroll"):
+            resolved.model.gru_unroll = chosen["gru_unroll"]
+    return resolved
 
 
 def objective_config(config: ml_collections.ConfigDict, dims: DataDims) -> losses.ObjectiveConfig:
@@ -110,6 +139,7 @@ def objective_config(config: ml_collections.ConfigDict, dims: DataDims) -> losse
         use_mm_text=obj.use_mm_text and dims.text_dim > 0,
         use_mm_video=obj.use_mm_video and dims.video_dim > 0,
         use_nn=obj.use_nn,
+        negative_groups=obj.get("negative_groups", 1),
     )
 
 
@@ -140,8 +170,20 @@ def create_train_state(config: ml_collections.ConfigDict, dims: DataDims) -> Tra
 
 
 def make_mesh(devices=None) -> Mesh:
-    """A 1-D mesh with axis 'data' over `devices` (default: every device of every process)."""
-    devices = jax.devices() if devices is None else devices
+    """A 1-D mesh with axis 'data' over `devices` (default: every device of every process).
+
+    Devices of several TPU slices (multi-slice jobs) are ordered slice by slice, as
+    `mesh_utils.create_hybrid_device_mesh` lays out its two levels (chips on a slice's fast
+    interconnect, then slices over the data-centre network), so the batch's neighbouring shards
+    share a slice.
+    """
+    devices = jax.devices() if devices is None else list(devices)
+    num_slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if num_slices > 1:
+        from jax.experimental import mesh_utils
+
+        ordered = mesh_utils.create_hybrid_device_mesh((len(devices) // num_slices,), (num_slices,), devices)
+        return Mesh(ordered, ("data",))
     return Mesh(np.asarray(devices), ("data",))
 
 
@@ -167,9 +209,12 @@ def make_steps(config: ml_collections.ConfigDict, dims: DataDims, mesh: Mesh, nu
     `num_steps` (default config.train.num_steps) is the run's length, over which a decaying
     learning-rate schedule decays unless optim.decay_steps sets it. The train metrics include
     `learning_rate` (the rate of this update) and `grad_norm` (the global gradient norm, before
-    clipping).
+    clipping). The model takes the formulation of the mesh's platform (`with_formulation`), and the
+    state's layout is `state_shardings` (place it with `place_state`).
     """
+    config = with_formulation(config, mesh)
     model = build_model(config.model)
+    sharded_queue = config.objective.use_nn and nn_queue.shards_over(config.queue.size, mesh.size)
     num_steps = config.train.num_steps if num_steps is None else num_steps
     tx = optimizer.make_optimizer(config.optim, num_steps)
     rate = optimizer.learning_rate_schedule(config.optim, num_steps)
@@ -191,7 +236,8 @@ def make_steps(config: ml_collections.ConfigDict, dims: DataDims, mesh: Mesh, nu
         ssl0 = jax.lax.stop_gradient(view0["ssl"])
         neighbours = None
         if obj_cfg.use_nn:
-            neighbours = nn_queue.lookup(
+            look_up = (lambda *a, **k: nn_queue.lookup_sharded(*a, mesh=mesh, **k)) if sharded_queue else nn_queue.lookup
+            neighbours = look_up(
                 state_queue, ssl0, batch["text_emb"], batch["video_emb"],
                 batch["has_text"], batch["has_video"], retrieve_by=retrieve_by,
             )
@@ -209,8 +255,9 @@ def make_steps(config: ml_collections.ConfigDict, dims: DataDims, mesh: Mesh, nu
         keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
         queue = state.queue
         if obj_cfg.use_nn:  # a skipped update writes nothing (and selects B rows, not the queue)
-            queue = nn_queue.enqueue(queue, ssl0, batch["text_emb"], batch["video_emb"],
-                                     batch["has_text"], batch["has_video"], write=finite)
+            put = (lambda *a, **k: nn_queue.enqueue_sharded(*a, mesh=mesh, **k)) if sharded_queue else nn_queue.enqueue
+            queue = put(queue, ssl0, batch["text_emb"], batch["video_emb"],
+                        batch["has_text"], batch["has_video"], write=finite)
         streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
         new_state = state.replace(
             step=state.step + 1,
@@ -238,11 +285,12 @@ def make_steps(config: ml_collections.ConfigDict, dims: DataDims, mesh: Mesh, nu
     eval_step = precision.with_matmul_precision(eval_step, matmul_precision)
     replicated = NamedSharding(mesh, PartitionSpec())
     sharded = NamedSharding(mesh, PartitionSpec("data"))
+    state_layout = state_shardings(jax.eval_shape(lambda: create_train_state(config, dims)), mesh)
     train_step = jax.jit(
-        train_step, in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
+        train_step, in_shardings=(state_layout, sharded), out_shardings=(state_layout, replicated),
         donate_argnums=(0,),
     )
-    eval_step = jax.jit(eval_step, in_shardings=(replicated, sharded), out_shardings=replicated)
+    eval_step = jax.jit(eval_step, in_shardings=(state_layout, sharded), out_shardings=replicated)
     return train_step, eval_step
 
 
@@ -263,6 +311,21 @@ def prepare_batch(local_batch: dict, dims: DataDims, mm_dim: int, mesh: Mesh) ->
             out[f"has_{name}"] = local_batch[f"has_{name}"].astype(bool)
     sharding = NamedSharding(mesh, PartitionSpec("data"))
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in out.items()}
+
+
+def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
+    """NamedShardings of a TrainState (or of its ShapeDtypeStructs) on mesh: the queue's
+    (`queue.shardings`: slots along 'data' when `queue.shards_over`), everything else replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    layout = jax.tree_util.tree_map(lambda _: replicated, state)
+    return layout.replace(queue=nn_queue.shardings(state.queue, mesh))
+
+
+def place_state(state: TrainState, mesh: Mesh) -> TrainState:
+    """Put a state on the mesh in the layout the steps take (`state_shardings`), every leaf in its
+    own buffer (the train step donates the state)."""
+    host = jax.tree_util.tree_map(lambda x: np.array(x, copy=True), jax.device_get(state))
+    return jax.device_put(host, state_shardings(state, mesh))
 
 
 def replicate(tree, mesh: Mesh):
@@ -287,6 +350,9 @@ def validate_config(config: ml_collections.ConfigDict, dims: DataDims, num_devic
             f"use a multiple of {num_devices}")
     if not 0.0 <= config.objective.alpha <= 1.0:
         problems.append(f"objective.alpha must lie in [0, 1], got {config.objective.alpha}")
+    groups = config.objective.get("negative_groups", 1)
+    if groups < 1 or (g > 0 and g % groups):
+        problems.append(f"objective.negative_groups={groups} must be at least 1 and divide train.global_batch_size={g}")
     if config.objective.temperature_init <= 0:
         problems.append(f"objective.temperature_init must be positive, got {config.objective.temperature_init}")
     if config.model.dtype not in DTYPES:
@@ -305,8 +371,9 @@ def validate_config(config: ml_collections.ConfigDict, dims: DataDims, num_devic
     unknown = [n for n in config.objective.augmentations if n not in augment.TRANSFORMS]
     if unknown:
         problems.append(f"objective.augmentations has unknown transforms {unknown}; valid: {sorted(augment.TRANSFORMS)}")
-    if config.queue.size < g and config.objective.use_nn:
-        problems.append(f"queue.size={config.queue.size} must be at least train.global_batch_size={g}")
+    if config.queue.size < g and config.objective.use_nn and not nn_queue.shards_over(config.queue.size, num_devices):
+        problems.append(f"queue.size={config.queue.size} must be at least train.global_batch_size={g} (or a "
+                        f"multiple of the {num_devices} devices, which shards it)")
     if config.optim.learning_rate <= 0:
         problems.append(f"optim.learning_rate must be positive, got {config.optim.learning_rate}")
     problems += optimizer.schedule_problems(config.optim)
@@ -515,9 +582,9 @@ def mixture_batch_sizes(config: ml_collections.ConfigDict, sources: list[data.Mi
 
 
 def abstract_state(state, mesh: Mesh):
-    """ShapeDtypeStructs (replicated on the mesh) of a state, for Orbax restore."""
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
+    """ShapeDtypeStructs of a state in the layout of `state_shardings`, for Orbax restore."""
+    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                  state, state_shardings(state, mesh))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluators=None) -> dict:
@@ -545,6 +612,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluato
     workdir.mkdir(parents=True, exist_ok=True)
     manifests, dims = read_manifests(sources)
     mesh = make_mesh()
+    config = with_formulation(config, mesh)
     validate_config(config, dims, mesh.size)
     batch_sizes = mixture_batch_sizes(config, sources)
     check_splits(config, sources, manifests, batch_sizes)
@@ -568,7 +636,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluato
             f"{s.name} {g} ({g / config.train.global_batch_size:.3f})" for s, g in zip(sources, batch_sizes)),
             config.train.global_batch_size)
 
-    state = replicate(create_train_state(config, dims), mesh)
+    state = place_state(create_train_state(config, dims), mesh)
     checkpointer = ckpt.Checkpointer(workdir, keep=config.train.keep_checkpoints)
     restored = checkpointer.restore_latest(abstract_state(state, mesh))
     if restored is not None:

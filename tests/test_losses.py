@@ -42,6 +42,22 @@ def test_info_nce_matches_numpy(temperature, with_mask):
     np.testing.assert_allclose(float(got), _numpy_info_nce(query.astype(np.float64), key.astype(np.float64), temperature, mask), rtol=2e-5)
 
 
+def test_negative_groups_take_each_samples_negatives_from_its_block():
+    query, key = _random((BATCH, DIM), 2), _random((BATCH, DIM), 3)
+    key = key + 0.5 * query
+    mask = np.array([1, 0, 1, 1, 1, 1, 0, 1], bool)
+    got = losses.info_nce(jnp.asarray(query), jnp.asarray(key), 0.1, jnp.asarray(mask), groups=2)
+    # Each block of 4 is its own InfoNCE; the masked means run over all 8 samples, so the blocks'
+    # means are weighted by their unmasked counts (3 and 3 here in each direction).
+    blocks = [_numpy_info_nce(query[i:i + 4].astype(np.float64), key[i:i + 4].astype(np.float64), 0.1, mask[i:i + 4])
+              for i in (0, 4)]
+    counts = [mask[:4].sum(), mask[4:].sum()]
+    np.testing.assert_allclose(float(got), np.dot(blocks, counts) / sum(counts), rtol=2e-5)
+    assert abs(float(got) - _numpy_info_nce(query.astype(np.float64), key.astype(np.float64), 0.1, mask)) > 1e-3
+    with pytest.raises(ValueError, match="batch of 8 does not split into 3 groups"):
+        losses.info_nce(jnp.asarray(query), jnp.asarray(key), 0.1, groups=3)
+
+
 def test_masked_samples_stay_negatives():
     query, key = _random((BATCH, DIM), 2), _random((BATCH, DIM), 3)
     mask = jnp.arange(BATCH) < 4

@@ -177,3 +177,49 @@ def test_bad_arguments_are_named():
         nnq.lookup(queue, *bad)
     with pytest.raises(ValueError, match="retrieve_by must be one of"):
         nnq.lookup(queue, *_arrays(_batch(2, 17)), retrieve_by="video")
+
+
+def _sharded(mesh, queue_size=16):
+    """An empty queue of queue_size slots placed in the sharded layout on mesh."""
+    queue = nnq.init_queue(queue_size, IMU_DIM, TEXT_DIM, VIDEO_DIM)
+    return jax.device_put(queue, nnq.shardings(queue, mesh))
+
+
+@pytest.mark.parametrize("retrieve_by", ["auto", "imu"])
+def test_sharded_lookup_matches_the_replicated_lookup_of_the_same_slots(retrieve_by):
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+    assert mesh.size == 4
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    put = jax.jit(lambda q, *a: nnq.enqueue_sharded(q, *a, mesh=mesh))
+    queue = _sharded(mesh)
+    for seed in range(3):  # 3 x 8 rows into 4 rings of 4 slots: each ring wraps around
+        queue = put(queue, *[jax.device_put(a, rows) for a in _arrays(_batch(8, seed))])
+    assert int(queue.ptr) == 2
+    query = _batch(8, 10)
+    found = jax.jit(lambda q, *a: nnq.lookup_sharded(q, *a, mesh=mesh, retrieve_by=retrieve_by))(
+        queue, *[jax.device_put(a, rows) for a in _arrays(query)])
+    assert found["imu"].sharding.spec == jax.sharding.PartitionSpec("data")
+    # The sharded slots, concatenated device by device, are the replicated queue the brute force reads.
+    gathered = jax.device_get(queue)
+    stored = _numpy_queue(gathered)
+    expected = _brute_force_lookup(stored, query, retrieve_by)
+    assert all(j is not None for j in expected)
+    np.testing.assert_array_equal(np.asarray(found["index"]), expected)
+    for name in ("imu", "text", "video", "has_text", "has_video"):
+        np.testing.assert_array_equal(np.asarray(found[name]), stored[name][expected])
+    # The last two batches (16 rows) are what the 16 slots hold, as in a replicated ring of 16.
+    held = np.concatenate([_unit(_batch(8, seed)["imu"]) for seed in (1, 2)])
+    np.testing.assert_allclose(np.sort(stored["imu"], axis=0), np.sort(held, axis=0), rtol=1e-6)
+
+
+def test_sharded_enqueue_keeps_each_devices_last_rows_when_the_batch_outnumbers_the_slots():
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    batch = _batch(16, 3)  # 4 rows per device, 2 slots per device
+    queue = jax.jit(lambda q, *a: nnq.enqueue_sharded(q, *a, mesh=mesh))(
+        _sharded(mesh, queue_size=8), *[jax.device_put(a, rows) for a in _arrays(batch)])
+    stored = _numpy_queue(jax.device_get(queue))
+    kept = np.concatenate([np.arange(d * 4 + 2, d * 4 + 4) for d in range(4)])
+    np.testing.assert_allclose(stored["imu"], _unit(batch["imu"][kept]), rtol=1e-6)
+    np.testing.assert_array_equal(stored["has_video"], batch["has_video"][kept])
+    assert stored["filled"].all() and int(queue.ptr) == 0

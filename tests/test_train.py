@@ -23,7 +23,7 @@ def dataset(tmp_path_factory):
 
 def _losses_on(devices, config, dims, batches):
     mesh = train.make_mesh(devices)
-    state = train.replicate(train.create_train_state(config, dims), mesh)
+    state = train.place_state(train.create_train_state(config, dims), mesh)
     train_step, _ = train.make_steps(config, dims, mesh)
     losses = []
     for local in batches:

@@ -1,0 +1,27 @@
+"""Command-line parsing shared by `primus_jax.main` and `primus_jax.compile`."""
+from __future__ import annotations
+
+import sys
+
+from absl import flags
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing where a bad override is one sentence on stderr and exit status 2.
+
+    An unknown field (`--config.train.nonexistent=1`) or a value of the wrong type
+    (`--config.objective.alpha=abc`) would otherwise end in a traceback or absl's FATAL line.
+    """
+    try:
+        return flags.FLAGS(argv)
+    except AttributeError as err:  # ml_collections: the override names no field of the config
+        field = str(err).strip("\"'")
+        named = [a.split("=")[0] for a in argv if a.startswith("--config.") and
+                 a.split("=")[0].split(".")[-1] == field]
+        print(f"error: {named[0] if named else field}: the config has no such field", file=sys.stderr)
+    except flags.Error as err:
+        # config_flags embeds the config file's traceback: keep the flag and the final error line.
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        message = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
+        print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
