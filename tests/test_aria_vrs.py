@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from data_prep import egoexo4d
-from data_prep.ego4d import ImuFileError, NarratedJob, Narration, Recording, WindowSettings, window_imu
+from data_prep.narrated import ImuFileError, NarratedJob, Narration, Recording, WindowSettings, window_imu
 from test_egoexo4d import annotation, description
 
 FIXTURES = Path(os.environ.get("PRIMUS_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from data_prep import ego4d, parallel
+from data_prep import ego4d, narrated, parallel
 from primus_jax.data import load_split, read_manifest
 from test_ego4d import NARRATIONS, make_ego4d_root
 
@@ -77,12 +77,12 @@ def recordings_with(root, uids, replace):
     """The fixture's Ego4D recordings for `uids`, with load_imu replaced for some uids."""
     recordings, _ = ego4d.ego4d_recordings(str(root), {"train": 0.5, "val": 0.5}, 0, None)
     chosen = [r for r in recordings if r.recording_id in uids]
-    return [r if r.recording_id not in replace else ego4d.Recording(
+    return [r if r.recording_id not in replace else narrated.Recording(
         r.recording_id, r.subject, r.split, r.narrations, r.video_path, replace[r.recording_id]) for r in chosen], "test"
 
 
 def narrated_job(catalog):
-    return ego4d.NarratedJob("ego4d", catalog, ego4d.WindowSettings(frames_per_clip=4), "none", "none")
+    return narrated.NarratedJob("ego4d", catalog, narrated.WindowSettings(frames_per_clip=4), "none", "none")
 
 
 def imu_csv(root, uid):
