@@ -1,6 +1,6 @@
 """Adds (or rewrites) the TFDS metadata of a prepared dataset, so that TFDS can open it.
 
-    python -m data_prep.tfds_metadata DATASET_DIR        (local or gs://)
+    python -m data_prep.add_tfds_metadata DATASET_DIR        (local or gs://)
 
 For datasets prepared before data_prep wrote TFDS metadata, and for a folder whose TFDS files
 no longer agree with manifest.json (edited by hand): manifest.json is the source of truth.
@@ -93,7 +93,7 @@ def add_tfds_metadata(dataset_dir) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the CLI; a dataset that cannot be read prints one error sentence and returns 1."""
     parser = argparse.ArgumentParser(
-        prog="python -m data_prep.tfds_metadata", description=__doc__.split("\n\n")[0])
+        prog="python -m data_prep.add_tfds_metadata", description=__doc__.split("\n\n")[0])
     parser.add_argument("dataset_dir", help="a folder written by data_prep (local or gs://)")
     args = parser.parse_args(argv)
     try:
