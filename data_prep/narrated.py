@@ -307,7 +307,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """The options shared by the Ego4D and Ego-Exo4D command lines."""
     parser.add_argument("--out", required=True, help="output folder for shards, manifest.json and report.json")
     parser.add_argument("--towers", default="clip:Searchium-ai/clip4clip-webvid150k",
-                        help="tower spec for text and video: clip:<path-or-hub-id>, tiny-random or none")
+                        help="tower spec for text and video: clip:<path-or-hub-id> or none")
     parser.add_argument("--text-tower", help="text tower spec, also minilm (default: --towers)")
     parser.add_argument("--video-tower", help="video tower spec; none writes no video embedding (default: --towers)")
     parser.add_argument("--window-sec", type=float, default=5.0, help="window length in seconds")

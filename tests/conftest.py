@@ -35,3 +35,12 @@ def make_window(i: int, *, T: int, text_dim: int, video_dim: int, rate_hz: float
         video_emb=rng.normal(size=video_dim).astype(np.float32) if i % 2 else None,
         label=i % 4 - 1, source="seglearn", recording_id=f"rec{i // 5}", subject=f"s{i % 2}",
         start_s=0.5 * i, end_s=0.5 * i + T / rate_hz)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_spec(tmp_path_factory) -> str:
+    """The tower spec "clip:<folder>" of a tiny random CLIP checkpoint saved once per session
+    (tests/tiny_clip.py), loaded by the command lines like any real checkpoint."""
+    from tiny_clip import save_tiny_clip
+
+    return save_tiny_clip(tmp_path_factory.mktemp("towers"))
