@@ -32,6 +32,7 @@ from benchmarks import common
 from benchmarks.data_prep import max_rss_mb
 
 CHILD_FLAG = "--measure-one"
+TINY_RANDOM = "tiny-random"
 IMU_RATE_HZ = 200.0
 
 
@@ -45,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--width", type=int, default=640)
     parser.add_argument("--height", type=int, default=360)
     parser.add_argument("--fps", type=int, default=30)
-    parser.add_argument("--towers", default="tiny-random", help="tower spec passed to data_prep.ego4d")
+    parser.add_argument("--towers", default=TINY_RANDOM,
+                        help=f"tower spec passed to data_prep.ego4d; {TINY_RANDOM} (the default) saves the tests' tiny "
+                             "random CLIP (tests/tiny_clip.py) to a checkpoint folder and passes clip:<folder>")
     parser.add_argument("--frames-per-clip", type=int, default=50, help="frames embedded per window")
     return parser
 
@@ -108,8 +111,9 @@ def measure_one(root: str, out: str, towers: str, frames_per_clip: str, *driver_
             "worker_peak_rss_mb": driver_peak if in_process else max_rss_mb(resource.RUSAGE_CHILDREN)}
 
 
-def run_child(name: str, driver_args: list[str], root: str, out: str, args: argparse.Namespace) -> dict:
-    command = [sys.executable, "-m", "benchmarks.data_prep_workers", CHILD_FLAG, root, out, args.towers,
+def run_child(name: str, driver_args: list[str], root: str, out: str, towers: str,
+              args: argparse.Namespace) -> dict:
+    command = [sys.executable, "-m", "benchmarks.data_prep_workers", CHILD_FLAG, root, out, towers,
                str(args.frames_per_clip), *driver_args]
     row = common.run_json_child(command, f"data_prep.ego4d ({name})")
     row["run"] = name
@@ -134,7 +138,12 @@ def run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="primus_data_prep_workers_") as workdir:
         root = os.path.join(workdir, "ego4d")
         narrations = write_ego4d_tree(root, args)
-        rows = [run_child(name, driver_args, root, os.path.join(workdir, f"out_{i}"), args)
+        towers = args.towers
+        if towers == TINY_RANDOM:
+            from tests.tiny_clip import save_tiny_clip
+
+            towers = save_tiny_clip(workdir)
+        rows = [run_child(name, driver_args, root, os.path.join(workdir, f"out_{i}"), towers, args)
                 for i, (name, driver_args) in enumerate(runs)]
     base = rows[0]["windows_per_s"]
     for row in rows:

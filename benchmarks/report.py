@@ -26,6 +26,8 @@ import re
 import sys
 from typing import Callable, Iterable
 
+from primus_jax import paths
+
 Row = dict[str, str]
 START, END = "<!-- report: {} -->", "<!-- end report: {} -->"
 
@@ -232,10 +234,7 @@ def main(argv=None) -> int:
             return 1
         return 0
     if updated != document:
-        temporary = f"{args.doc}.tmp"
-        with open(temporary, "w", encoding="utf-8") as f:
-            f.write(updated)
-        os.replace(temporary, args.doc)
+        paths.atomic_write(args.doc, updated.encode("utf-8"))
     print(f"{args.doc}: {len(re.findall(r'<!-- report: ', updated))} tables from {args.records}")
     return 0
 

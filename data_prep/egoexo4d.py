@@ -19,7 +19,7 @@ file to "val". Rejected annotation jobs are skipped. Every description of every 
 annotation is one window (duplicates across annotators are kept, as in the reference). As in
 the reference, the IMU clock is shifted so that its first sample is at 0 s, which assumes the
 IMU starts with the take (both formats). Windowing, embedding and the report are shared with
-Ego4D (`data_prep.ego4d`).
+Ego4D (`data_prep.narrated`).
 """
 from __future__ import annotations
 
@@ -32,16 +32,9 @@ from typing import Sequence
 import numpy as np
 
 from data_prep import parallel
+from data_prep.ego4d import read_imu_csv
+from data_prep.narrated import ImuFileError, Recording, add_common_arguments, load_json, parse_narrations, run_cli
 from primus_jax import paths
-from data_prep.ego4d import (
-    ImuFileError,
-    Recording,
-    add_common_arguments,
-    load_json,
-    parse_narrations,
-    read_imu_csv,
-    run_cli,
-)
 
 IMU_STREAM = "1202-1"
 ANNOTATION_FILE = os.path.join("annotations", "atomic_descriptions_{split}.json")

@@ -1,6 +1,6 @@
 """Runs a data_prep source over its recordings in parallel: one pure function per recording, two drivers.
 
-A source describes its work as a job (`data_prep.ego4d.NarratedJob`, `data_prep.har.HarJob`):
+A source describes its work as a job (`data_prep.narrated.NarratedJob`, `data_prep.har.HarJob`):
 
     job.catalog()               -> (items, input description): the recordings, in a fixed order
     job.setup()                 -> context: what a worker loads once (the frozen towers)

@@ -239,10 +239,10 @@ def read_export(export_dir) -> Export:
     if meta.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{meta_path}: unknown export format {meta.get('format')!r}, expected {EXPORT_FORMAT!r}")
     model_cfg = dict(meta["model"])
-    matmul_precision = model_cfg.pop("matmul_precision", "default")
-    if matmul_precision not in precision.MATMUL_PRECISIONS:
-        raise ValueError(f"{meta_path}: model.matmul_precision must be one of {precision.MATMUL_PRECISIONS}, "
-                         f"got {matmul_precision!r}")
+    try:
+        matmul_precision = precision.check_matmul_precision(model_cfg.pop("matmul_precision", "default"))
+    except ValueError as error:
+        raise ValueError(f"{meta_path}: {error}") from None
     model_cfg["dtype"] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[model_cfg.get("dtype", "float32")]
     model = models.IMUEncoder(**model_cfg)
     params_bytes = (export_dir / PARAMS_FILE).read_bytes()

@@ -10,17 +10,14 @@ Towers:
 - `CLIPTowers.from_pretrained(path_or_id)`: one FlaxCLIPModel (CLIP or CLIP4Clip weights) that
   serves a `CLIPTextTower` (text padded/truncated to 77 tokens, `text_embeds`) and a
   `CLIPVideoTower` (per-frame `image_embeds` after CLIP preprocessing, mean over frames, L2).
-- `CLIPTowers.random_tiny(seed)`: the same towers on a tiny random CLIP, for tests and smoke runs.
 
 `load_text_tower(spec)` / `load_video_tower(spec)` turn a command-line spec into a tower.
 """
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
-import tempfile
 from typing import Callable, Iterator, Protocol, Sequence
 
 import jax
@@ -36,7 +33,7 @@ CLIP_TEXT_LENGTH = 77
 MINILM_MAX_TOKENS = 256  # sentence-transformers' max_seq_length for all-MiniLM-L6-v2
 MINILM_MIN_BUCKET = 16
 FRAMES_PER_CLIP = 50  # 10 fps x 5 s (SPEC §3)
-TOWER_SPECS = '"minilm", "clip:<local folder or hub id>", "tiny-random" or "none"'
+TOWER_SPECS = '"minilm", "clip:<local folder or hub id>" or "none"'
 
 FLAX_DEPRECATION_NOTICE = "TensorFlow and JAX classes are deprecated and will be removed in Transformers v5"
 
@@ -335,46 +332,6 @@ class CLIPVideoTower:
         return {"name": self.name, "dim": self.dim, "source": self.source}
 
 
-def _write_tiny_bpe(folder: str) -> tuple[str, str]:
-    """Writes a tiny byte-level BPE vocabulary (vocab.json, merges.txt) for CLIPTokenizer.
-
-    Tokens: the 256 byte symbols, the same with the end-of-word mark "</w>", a handful of merges,
-    then <|startoftext|> and <|endoftext|>.
-    """
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
-
-    symbols = list(bytes_to_unicode().values())
-    merges = ["t h", "i n", "a n", "e r", "o n", "in g</w>", "th e</w>", "e d</w>", "a l", "o r"]
-    vocab = symbols + [s + "</w>" for s in symbols] + [m.replace(" ", "") for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    vocab_file, merges_file = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
-    with open(vocab_file, "w", encoding="utf-8") as f:
-        json.dump({token: i for i, token in enumerate(vocab)}, f)
-    with open(merges_file, "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return vocab_file, merges_file
-
-
-def _random_params(shapes, seed: int) -> dict:
-    """Random parameters for a tree of ShapeDtypeStructs, drawn with numpy (no XLA compile).
-
-    Biases 0, LayerNorm scales 1, logit_scale log(1/0.07) as in CLIP, every other array N(0, 0.02^2).
-    """
-    rng = np.random.default_rng(seed)
-    params = {}
-    for path, spec in traverse_util.flatten_dict(shapes).items():
-        if path[-1] == "bias":
-            value = np.zeros(spec.shape)
-        elif path[-1] == "scale":
-            value = np.ones(spec.shape)
-        elif path[-1] == "logit_scale":
-            value = np.full(spec.shape, np.log(1 / 0.07))
-        else:
-            value = rng.normal(0.0, 0.02, spec.shape)
-        params[path] = jnp.asarray(value, spec.dtype)
-    return traverse_util.unflatten_dict(params)
-
-
 class CLIPTowers:
     """Builds the (text, video) tower pair that shares one frozen FlaxCLIPModel."""
 
@@ -400,46 +357,10 @@ class CLIPTowers:
             CLIPVideoTower(model, params, name, path_or_id),
         )
 
-    @staticmethod
-    def random_tiny(seed: int = 0) -> tuple[CLIPTextTower, CLIPVideoTower]:
-        """A tiny random CLIP (width 32, 2 layers, 32 px images, 8 px patches, 16-d projection).
-
-        Built once per seed and process.
-        """
-        return _random_tiny_clip(int(seed))
-
-
-@functools.lru_cache(maxsize=None)
-def _random_tiny_clip(seed: int) -> tuple[CLIPTextTower, CLIPVideoTower]:
-    """Builds `CLIPTowers.random_tiny(seed)`: tiny config, tiny BPE tokenizer, numpy-drawn parameters."""
-    from transformers import CLIPConfig, CLIPTokenizer, FlaxCLIPModel
-
-    with tempfile.TemporaryDirectory() as folder:
-        tokenizer = CLIPTokenizer(*_write_tiny_bpe(folder))
-    shared = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            max_position_embeddings=CLIP_TEXT_LENGTH,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            **shared,
-        ),
-        vision_config=dict(image_size=32, patch_size=8, **shared),
-        projection_dim=16,
-    )
-    model = FlaxCLIPModel(config, _do_init=False)
-    input_shape = ((1, CLIP_TEXT_LENGTH), (1, 32, 32, 3))
-    shapes = jax.eval_shape(lambda rng: model.init_weights(rng, input_shape), jax.random.PRNGKey(0))
-    params = _random_params(shapes, seed)
-    name, source = "tiny-random-clip", f"random init, seed {seed}"
-    return CLIPTextTower(model, params, tokenizer, name, source), CLIPVideoTower(model, params, name, source)
-
 
 def _parse_spec(spec: str, kind: str):
     """Returns (kind of tower, argument) for a tower spec, or raises a ValueError naming it."""
-    if spec in ("minilm", "tiny-random", "none"):
+    if spec in ("minilm", "none"):
         return spec, None
     if spec.startswith("clip:") and len(spec) > len("clip:"):
         return "clip", spec[len("clip:") :]
@@ -447,24 +368,20 @@ def _parse_spec(spec: str, kind: str):
 
 
 def load_text_tower(spec: str) -> TextTower | None:
-    """"minilm" -> MiniLMTextTower; "clip:<path or id>" / "tiny-random" -> a CLIP text tower; "none" -> None."""
+    """"minilm" -> MiniLMTextTower; "clip:<path or id>" -> a CLIP text tower; "none" -> None."""
     kind, argument = _parse_spec(spec, "text")
     if kind == "minilm":
         return MiniLMTextTower()
     if kind == "clip":
         return CLIPTowers.from_pretrained(argument)[0]
-    if kind == "tiny-random":
-        return CLIPTowers.random_tiny()[0]
     return None
 
 
 def load_video_tower(spec: str) -> VideoTower | None:
-    """"clip:<path or id>" / "tiny-random" -> a CLIP video tower; "none" -> None ("minilm" has no video)."""
+    """"clip:<path or id>" -> a CLIP video tower; "none" -> None ("minilm" has no video)."""
     kind, argument = _parse_spec(spec, "video")
     if kind == "minilm":
         raise ValueError(f"Video tower spec 'minilm' names a text-only model; expected {TOWER_SPECS}.")
     if kind == "clip":
         return CLIPTowers.from_pretrained(argument)[1]
-    if kind == "tiny-random":
-        return CLIPTowers.random_tiny()[1]
     return None

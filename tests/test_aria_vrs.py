@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from data_prep import egoexo4d
-from data_prep.ego4d import ImuFileError, NarratedJob, Narration, Recording, WindowSettings, window_imu
+from data_prep.narrated import ImuFileError, NarratedJob, Narration, Recording, WindowSettings, window_imu
 from test_egoexo4d import annotation, description
 
 FIXTURES = Path(os.environ.get("PRIMUS_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
@@ -69,7 +69,7 @@ def test_take_shorter_than_a_window_is_dropped_with_its_reason():
     assert "aria-take narration at 0.20 s: the recording is shorter than 5.0 s" in report.examples["out of range"]
 
 
-def test_ego_exo_take_with_a_real_vrs_reports_the_drop(tmp_path, capsys):
+def test_ego_exo_take_with_a_real_vrs_reports_the_drop(tmp_path, capsys, tiny_clip_spec):
     root = tmp_path / "root"
     take_dir = root / "takes" / "aria_take"
     (root / "annotations").mkdir(parents=True)
@@ -80,7 +80,7 @@ def test_ego_exo_take_with_a_real_vrs_reports_the_drop(tmp_path, capsys):
     for split in ("train", "val"):
         content = {"t1": [annotation([description(0.2, "C looks around.")])]} if split == "train" else {}
         (root / "annotations" / f"atomic_descriptions_{split}.json").write_text(json.dumps({"annotations": content}))
-    status = egoexo4d.main(["--root", str(root), "--out", str(tmp_path / "out"), "--towers", "tiny-random"])
+    status = egoexo4d.main(["--root", str(root), "--out", str(tmp_path / "out"), "--towers", tiny_clip_spec])
     assert status == 1
     error = capsys.readouterr().err
     assert "No usable window" in error and "out of range" in error

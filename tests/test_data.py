@@ -1,10 +1,12 @@
 """primus_jax.data: schema round trips, tf.data compatibility, atomic writer, pipeline semantics."""
+import functools
 import json
 import os
 
 import numpy as np
 import pytest
 
+import conftest
 from primus_jax import data
 from primus_jax.data import example_codec
 
@@ -13,17 +15,7 @@ CLASSES = ["walk", "run", "sit"]
 NUM_TRAIN = 23
 
 
-def make_window(i: int) -> data.Window:
-    """Window i: imu[0, 0] == i identifies it; text/video present on a pattern."""
-    rng = np.random.default_rng(i)
-    imu = rng.normal(size=(T, 6)).astype(np.float32)
-    imu[0, 0] = i
-    return data.Window(
-        imu=imu, rate_hz=RATE, text=f"person does thing {i} é" if i % 3 else "",
-        text_emb=rng.normal(size=TEXT_DIM).astype(np.float32) if i % 3 else None,
-        video_emb=rng.normal(size=VIDEO_DIM).astype(np.float32) if i % 2 else None,
-        label=i % 4 - 1, source="seglearn", recording_id=f"rec{i // 5}", subject=f"s{i % 2}",
-        start_s=0.5 * i, end_s=0.5 * i + 0.16)
+make_window = functools.partial(conftest.make_window, T=T, text_dim=TEXT_DIM, video_dim=VIDEO_DIM, rate_hz=RATE)
 
 
 def write_dataset(out_dir, splits: dict, **kwargs) -> dict:

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from data_prep import ego4d, parallel
+from data_prep import ego4d, narrated, parallel
 from primus_jax.data import load_split, read_manifest
 from test_ego4d import NARRATIONS, make_ego4d_root
 
@@ -40,23 +40,24 @@ def ego4d_root(tmp_path_factory):
     return make_ego4d_root(tmp_path_factory.mktemp("ego4d"))
 
 
-def prepare_ego4d(root, out, *driver_args):
-    status = ego4d.main(["--ego4d-root", str(root), "--out", str(out), "--towers", "tiny-random",
+def prepare_ego4d(root, out, towers, *driver_args):
+    status = ego4d.main(["--ego4d-root", str(root), "--out", str(out), "--towers", towers,
                          "--splits", "train=0.5", "val=0.5", "--frames-per-clip", "4", *driver_args])
     assert status == 0
     assert not (out / parallel.STAGING_DIR).exists()
     return dataset_content(out)
 
 
-def test_local_one_and_two_workers_and_beam_direct_runner_write_the_same_dataset(ego4d_root, tmp_path, monkeypatch):
+def test_local_one_and_two_workers_and_beam_direct_runner_write_the_same_dataset(ego4d_root, tmp_path, monkeypatch,
+                                                                                 tiny_clip_spec):
     # Beam's SDK workers are fresh Python processes: they must import data_prep from this checkout.
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")])))
-    one = prepare_ego4d(ego4d_root, tmp_path / "one")
+    one = prepare_ego4d(ego4d_root, tmp_path / "one", tiny_clip_spec)
     manifest, report, records = one
     assert set(manifest["splits"]) == {"train", "val"} and report["total_kept"] == 7
     assert report["dropped"]["missing imu"] == 3 and report["kept_without_video"] == {"missing video": 1, "unreadable video": 1}
-    assert_same_dataset(prepare_ego4d(ego4d_root, tmp_path / "two", "--workers", "2"), one)
-    beam = prepare_ego4d(ego4d_root, tmp_path / "beam", "--runner", "DirectRunner",
+    assert_same_dataset(prepare_ego4d(ego4d_root, tmp_path / "two", tiny_clip_spec, "--workers", "2"), one)
+    beam = prepare_ego4d(ego4d_root, tmp_path / "beam", tiny_clip_spec, "--runner", "DirectRunner",
                          "--direct_running_mode=multi_processing", "--direct_num_workers=2")
     assert_same_dataset(beam, one)
 
@@ -77,12 +78,12 @@ def recordings_with(root, uids, replace):
     """The fixture's Ego4D recordings for `uids`, with load_imu replaced for some uids."""
     recordings, _ = ego4d.ego4d_recordings(str(root), {"train": 0.5, "val": 0.5}, 0, None)
     chosen = [r for r in recordings if r.recording_id in uids]
-    return [r if r.recording_id not in replace else ego4d.Recording(
+    return [r if r.recording_id not in replace else narrated.Recording(
         r.recording_id, r.subject, r.split, r.narrations, r.video_path, replace[r.recording_id]) for r in chosen], "test"
 
 
 def narrated_job(catalog):
-    return ego4d.NarratedJob("ego4d", catalog, ego4d.WindowSettings(frames_per_clip=4), "none", "none")
+    return narrated.NarratedJob("ego4d", catalog, narrated.WindowSettings(frames_per_clip=4), "none", "none")
 
 
 def imu_csv(root, uid):

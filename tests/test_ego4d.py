@@ -85,10 +85,10 @@ def make_ego4d_root(root, videos=NARRATIONS):
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
+def prepared(tmp_path_factory, tiny_clip_spec):
     root = make_ego4d_root(tmp_path_factory.mktemp("ego4d"))
     out = root / "out"
-    status = ego4d.main(["--ego4d-root", str(root), "--out", str(out), "--towers", "tiny-random",
+    status = ego4d.main(["--ego4d-root", str(root), "--out", str(out), "--towers", tiny_clip_spec,
                          "--splits", "train=0.5", "val=0.5", "--frames-per-clip", "4"])
     assert status == 0
     records = {}

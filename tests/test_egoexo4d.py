@@ -51,10 +51,10 @@ def make_egoexo_root(root, val=VAL):
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
+def prepared(tmp_path_factory, tiny_clip_spec):
     root = make_egoexo_root(tmp_path_factory.mktemp("egoexo"))
     out = root / "out"
-    assert egoexo4d.main(["--root", str(root), "--out", str(out), "--towers", "tiny-random", "--imu-format", "csv",
+    assert egoexo4d.main(["--root", str(root), "--out", str(out), "--towers", tiny_clip_spec, "--imu-format", "csv",
                           "--frames-per-clip", "4"]) == 0
     return root, out
 
@@ -81,30 +81,30 @@ def test_imu_clock_is_shifted_to_the_first_sample(prepared):
     np.testing.assert_allclose(train["imu"][1][5:-5], expected[5:-5], atol=0.02)
 
 
-def test_require_video_drops_windows_without_video(prepared, tmp_path):
+def test_require_video_drops_windows_without_video(prepared, tmp_path, tiny_clip_spec):
     root, _ = prepared
     out = tmp_path / "out"
-    assert egoexo4d.main(["--root", str(root), "--out", str(out), "--towers", "tiny-random", "--imu-format", "csv",
+    assert egoexo4d.main(["--root", str(root), "--out", str(out), "--towers", tiny_clip_spec, "--imu-format", "csv",
                           "--frames-per-clip", "4", "--require-video"]) == 0
     assert set(read_manifest(str(out))["splits"]) == {"train"}
     report = json.loads((out / "report.json").read_text())
     assert report["dropped"] == {"missing imu": 1, "missing video": 1} and report["kept_without_video"] == {}
 
 
-def test_vrs_without_projectaria_tools_says_how_to_install(prepared, tmp_path, monkeypatch, capsys):
+def test_vrs_without_projectaria_tools_says_how_to_install(prepared, tmp_path, monkeypatch, capsys, tiny_clip_spec):
     root, _ = prepared
     # None in sys.modules makes the import fail, also where another test imported the real package
     for name in ["projectaria_tools", *(n for n in sys.modules if n.startswith("projectaria_tools."))]:
         monkeypatch.setitem(sys.modules, name, None)
-    status = egoexo4d.main(["--root", str(root), "--out", str(tmp_path / "out"), "--towers", "tiny-random"])
+    status = egoexo4d.main(["--root", str(root), "--out", str(tmp_path / "out"), "--towers", tiny_clip_spec])
     assert status == 1
     assert "install primus_jax[aria] (projectaria-tools) to read VRS" in capsys.readouterr().err
 
 
-def test_described_take_missing_from_takes_json_is_named(tmp_path, capsys):
+def test_described_take_missing_from_takes_json_is_named(tmp_path, capsys, tiny_clip_spec):
     root = make_egoexo_root(tmp_path / "root", val={"uid-zzz": [annotation([description(1.0, "C waves.")])]})
     status = egoexo4d.main(["--root", str(root), "--out", str(tmp_path / "out"), "--imu-format", "csv",
-                            "--towers", "tiny-random"])
+                            "--towers", tiny_clip_spec])
     assert status == 1
     error = capsys.readouterr().err
     assert "atomic_descriptions_val.json" in error and "uid-zzz" in error and "takes.json" in error

@@ -255,7 +255,8 @@ def _one_error_line(err: str) -> str:
     return lines[0]
 
 
-def test_ego4d_from_gcs_to_gcs_with_two_workers_equals_the_local_run(emulator, audited_env, tmp_path):
+def test_ego4d_from_gcs_to_gcs_with_two_workers_equals_the_local_run(emulator, audited_env, tmp_path,
+                                                                     tiny_clip_spec):
     """Annotations, IMU CSVs and mp4s read from gs:// (videos copied locally per recording for
     PyAV) by two worker processes; the dataset equals the one prepared from the local copy."""
     from test_data_prep_parallel import EXACT_FIELDS
@@ -268,7 +269,7 @@ def test_ego4d_from_gcs_to_gcs_with_two_workers_equals_the_local_run(emulator, a
         if path.is_file():
             emulator.upload(f"ego4d/{path.relative_to(root)}", path.read_bytes())
     env = dict(audited_env, STORAGE_EMULATOR_HOST=emulator.url)
-    common = ["--towers", "tiny-random", "--splits", "train=0.5", "val=0.5", "--frames-per-clip", "4"]
+    common = ["--towers", tiny_clip_spec, "--splits", "train=0.5", "val=0.5", "--frames-per-clip", "4"]
     local = subprocess.run([sys.executable, "-m", "data_prep.ego4d", "--ego4d-root", str(root), "--out",
                             str(tmp_path / "local"), *common], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert local.returncode == 0, local.stderr[-3000:]

@@ -162,11 +162,11 @@ def test_watch_windows_are_si_and_split_by_subject(watch_dir):
     assert report["kept"] == {"heldout": len(heldout["label"]), "train": len(train["label"])}
 
 
-def test_basicmotions_resampled_with_prompt_embeddings(tmp_path):
+def test_basicmotions_resampled_with_prompt_embeddings(tmp_path, tiny_clip_spec):
     from aeon.datasets import load_basic_motions
 
     out = str(tmp_path / "bm")
-    text_tower = towers.load_text_tower("tiny-random")
+    text_tower = towers.load_text_tower(tiny_clip_spec)
     report = har.write_har_dataset(har.basicmotions_source(), out, text_tower=text_tower)
     assert report.kept == {"train": 120, "test": 120} and not report.dropped  # 10 s at 50 Hz: 3 windows
     train = load_split(out, "train")

@@ -259,14 +259,14 @@ def _pod_config_file(tmp_path, datasets) -> str:
     return str(path)
 
 
-def _pod_overrides(datasets, **extra) -> list[str]:
+def _pod_overrides(datasets, text_tower, **extra) -> list[str]:
     downstream = os.path.join(datasets, "downstream")
     return tiny_overrides(
         datasets, data__mixture="egoexo4d:3,ego4d:1", optim__warmup_steps=2, train__profile_steps="(4,5)",
         data__workers=0, train__checkpoint_every=3,  # decoding workers are tested elsewhere
         evals__fewshot__every=3, evals__fewshot__data_dir=downstream, evals__fewshot__shots="(1,2)",
         evals__fewshot__trials=2, evals__fewshot__probe_steps=20,
-        evals__zeroshot__every=3, evals__zeroshot__data_dir=downstream, evals__zeroshot__text_tower="tiny-random",
+        evals__zeroshot__every=3, evals__zeroshot__data_dir=downstream, evals__zeroshot__text_tower=text_tower,
         evals__retrieval__every=3, evals__retrieval__data_dir=downstream, **extra)
 
 
@@ -292,9 +292,9 @@ def _finish(proc, timeout=300):
     return err
 
 
-def test_pod_config_with_everything_on_writes_each_part_and_resumes_exactly(datasets, tmp_path):
+def test_pod_config_with_everything_on_writes_each_part_and_resumes_exactly(datasets, tmp_path, tiny_clip_spec):
     config_file = _pod_config_file(tmp_path, datasets)
-    overrides = _pod_overrides(datasets)
+    overrides = _pod_overrides(datasets, tiny_clip_spec)
     straight_dir, resumed_dir = str(tmp_path / "straight"), str(tmp_path / "resumed")
     straight = run_main(straight_dir, overrides, config=config_file)
     err = _finish(straight)
@@ -357,8 +357,9 @@ def test_pod_config_with_everything_on_writes_each_part_and_resumes_exactly(data
             assert got[key] == want[key], (want["step"], want["split"], key)
 
 
-def test_unknown_evaluator_exits_2_before_anything_runs(datasets, tmp_path):
-    proc = run_main(str(tmp_path / "w"), _pod_overrides(datasets, evals__zeroshot__type="knn"), config="configs/pod.py")
+def test_unknown_evaluator_exits_2_before_anything_runs(datasets, tmp_path, tiny_clip_spec):
+    proc = run_main(str(tmp_path / "w"), _pod_overrides(datasets, tiny_clip_spec, evals__zeroshot__type="knn"),
+                    config="configs/pod.py")
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2, err[-3000:]
     errors = [line for line in err.splitlines() if line.startswith("error: ")]

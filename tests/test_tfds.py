@@ -3,6 +3,7 @@ DatasetWriter writes, record for record; TFDS metadata that disagrees with manif
 reader; a dataset written before TFDS support still trains and gets its metadata in one command."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -13,8 +14,9 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+import conftest
 import primus_jax
-from data_prep import tfds_metadata as add_metadata_command
+from data_prep import add_tfds_metadata as add_metadata_command
 from primus_jax import checkpoint, data, train
 from tests.train_fixtures import TINY_T, tiny_config
 
@@ -24,17 +26,7 @@ CLASSES = ["walk", "run", "sit up"]
 SPLITS = {"train": 11, "val": 3}  # train: shards of 4, 4 and 3 records
 
 
-def make_window(i: int) -> data.Window:
-    """Window i: imu[0, 0] == i; text, video and label present on different patterns."""
-    rng = np.random.default_rng(i)
-    imu = rng.normal(size=(TINY_T, 6)).astype(np.float32)
-    imu[0, 0] = i
-    return data.Window(
-        imu=imu, rate_hz=RATE, text=f"walks to the dör {i}" if i % 3 else "",
-        text_emb=rng.normal(size=TEXT_DIM).astype(np.float32) if i % 3 else None,
-        video_emb=rng.normal(size=VIDEO_DIM).astype(np.float32) if i % 2 else None,
-        label=i % 4 - 1, source="seglearn", recording_id=f"rec{i // 4}", subject=f"s{i % 2}",
-        start_s=0.25 * i, end_s=0.25 * i + TINY_T / RATE)
+make_window = functools.partial(conftest.make_window, T=TINY_T, text_dim=TEXT_DIM, video_dim=VIDEO_DIM, rate_hz=RATE)
 
 
 def write_dataset(out_dir) -> str:

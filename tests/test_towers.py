@@ -4,6 +4,7 @@ import pytest
 from transformers import CLIPVisionConfig
 
 from primus_jax import towers
+from tiny_clip import tiny_clip_towers
 
 # Batched against one-by-one embeddings are differently compiled programs compared at 1e-5: float32
 # matmuls, since TF32 / bfloat16 (the GPU / TPU default) would round their inputs to 10 or 8 bits.
@@ -17,7 +18,7 @@ def minilm():
 
 @pytest.fixture(scope="module")
 def tiny():
-    return towers.CLIPTowers.random_tiny(seed=0)
+    return tiny_clip_towers(seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def test_tiny_clip_text_is_unit_deterministic_and_batch_independent(tiny):
 
 
 def test_random_tiny_is_seeded():
-    build = towers._random_tiny_clip.__wrapped__  # uncached
+    build = tiny_clip_towers.__wrapped__  # uncached
     a, b, c = (build(seed)[0].params for seed in (0, 0, 1))
     kernel = lambda p: np.asarray(p["text_projection"]["kernel"])  # noqa: E731
     np.testing.assert_array_equal(kernel(a), kernel(b))
@@ -122,9 +123,7 @@ def test_clip_preprocess_resizes_crops_and_normalises():
 
 
 def test_specs_and_local_clip_folder(tmp_path, tiny):
-    text_tower, video_tower = tiny
-    assert towers.load_text_tower("tiny-random") is text_tower
-    assert towers.load_video_tower("tiny-random") is video_tower
+    text_tower, _ = tiny
     assert towers.load_text_tower("none") is None and towers.load_video_tower("none") is None
     with pytest.raises(ValueError, match="Unknown text tower spec 'bogus'"):
         towers.load_text_tower("bogus")
@@ -138,3 +137,4 @@ def test_specs_and_local_clip_folder(tmp_path, tiny):
     np.testing.assert_allclose(loaded_text.embed(["a person walking"], progress=False),
                                text_tower.embed(["a person walking"], progress=False), atol=1e-6)
     assert loaded_video.image_size == 32 and loaded_video.params is loaded_text.params
+    assert towers.load_text_tower(f"clip:{tmp_path}") is loaded_text  # loaded once per process

@@ -236,4 +236,4 @@ def check_tfds_files(dataset_dir, manifest: dict, manifest_path) -> None:
         if problem is not None:
             raise DataError(f"{directory / name} disagrees with {manifest_path}: {problem}; "
                             f"rewrite the TFDS metadata from the manifest with "
-                            f"`python -m data_prep.tfds_metadata {directory}`")
+                            f"`python -m data_prep.add_tfds_metadata {directory}`")

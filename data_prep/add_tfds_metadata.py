@@ -1,14 +1,14 @@
 """Adds (or rewrites) the TFDS metadata of a prepared dataset, so that TFDS can open it.
 
-    python -m data_prep.tfds_metadata DATASET_DIR        (local or gs://)
+    python -m data_prep.add_tfds_metadata DATASET_DIR        (local or gs://)
 
 For datasets prepared before data_prep wrote TFDS metadata, and for a folder whose TFDS files
 no longer agree with manifest.json (edited by hand): manifest.json is the source of truth.
 
 A schema-1 dataset stored an absent text or video embedding as an empty list, which TFDS's
 fixed-shape features cannot parse; each shard holding such a record is re-encoded in schema 2
-(the absent embedding as zeros, every value kept) into a temporary file that then replaces the
-shard whole, under its old name. The TFDS files and then manifest.json (now schema 2) are
+(the absent embedding as zeros, every value kept) and replaces the shard whole, under its old
+name (`paths.atomic_write`). The TFDS files and then manifest.json (now schema 2) are
 written last, each atomically; until then the folder reads as before, so an interrupted run is
 harmless and can simply be run again. Shards keep their names: dataset_info.json names the
 template they follow.
@@ -61,16 +61,7 @@ def _reencode_shards(dataset_dir, manifest: dict) -> int:
                    for i, raw in enumerate(stored)]
         if encoded == stored:
             continue
-        temporary = directory / f".{entry['file']}.partial"
-        try:
-            with temporary.open("wb") as file:
-                file.write(b"".join(frame_record(raw) for raw in encoded))
-                paths.flush_durably(file)
-            paths.move(temporary, path)
-        except BaseException:
-            if temporary.exists():
-                temporary.unlink()
-            raise
+        paths.atomic_write(path, b"".join(frame_record(raw) for raw in encoded))
         rewritten += 1
     return rewritten
 
@@ -93,7 +84,7 @@ def add_tfds_metadata(dataset_dir) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the CLI; a dataset that cannot be read prints one error sentence and returns 1."""
     parser = argparse.ArgumentParser(
-        prog="python -m data_prep.tfds_metadata", description=__doc__.split("\n\n")[0])
+        prog="python -m data_prep.add_tfds_metadata", description=__doc__.split("\n\n")[0])
     parser.add_argument("dataset_dir", help="a folder written by data_prep (local or gs://)")
     args = parser.parse_args(argv)
     try:
