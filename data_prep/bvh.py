@@ -208,13 +208,13 @@ def body_joints(skeleton: Skeleton, positions: np.ndarray) -> np.ndarray:
     """Indices of the joints that make up the body: all of them, less a chain of placeholder roots.
 
     Some exporters (Bandai-Namco's "joint_Root") put the body under a root that stays at the
-    origin while the figure walks away; such a root (one child, constant world position) would
+    origin while the figure walks away; such a root (one child, at the origin in every frame) would
     stretch every bounding box, so it is left out, down to the first joint that moves or branches.
     """
     first = 0
     while True:
         children = np.flatnonzero(skeleton.parents == first)
-        if len(children) != 1 or np.ptp(positions[:, first], axis=0).max() > 1e-9:
+        if len(children) != 1 or np.abs(positions[:, first]).max() > 1e-9:
             break
         first = int(children[0])
     inside = np.zeros(len(skeleton.names), bool)

@@ -96,10 +96,10 @@ JOINT_MAPS = {
 }
 SAVGOL_SECONDS = 0.25
 SAVGOL_ORDER = 3
-# Rest: for REST_SECONDS around a frame the site moves slower than REST_SPEED (m/s) and turns slower
-# than REST_TURN (rad/s); a moment of zero velocity at the end of a swing is not rest.
+# Rest: for REST_SECONDS around a frame the site turns slower than REST_TURN (rad/s). Rotation does
+# not depend on the length unit, so a unit or frame-time error shows as |acc| far from g at rest
+# (sway of a few mm/s^2 read 100 times too large); a moment of zero speed in a swing is not rest.
 REST_SECONDS = 0.5
-REST_SPEED = 0.05
 REST_TURN = 0.3
 # |acc| at rest must be within this of g (m/s^2); a wrong frame time or unit scale breaks it.
 REST_GRAVITY_TOLERANCE = 1.0
@@ -159,8 +159,8 @@ def resolve_joints(names: Sequence[str], roles: Sequence[str], overrides: dict[s
     missing = sorted({role for role in roles if not any(_bare(overrides.get(role, t[role])) in index
                                                         for t in JOINT_MAPS.values())})
     raise ClipProblem("missing joints", f"{path}: the skeleton lacks joints for {', '.join(missing)}; it has "
-                      f"{', '.join(names)}; map them with --joint-map role=JointName,... (roles: "
-                      f"{', '.join(JOINT_MAPS['bandai'])}).")
+                      f"{', '.join(names)}; map them with --joint-map ROLE=NAME,ROLE=NAME for roles among "
+                      f"{', '.join(JOINT_MAPS['bandai'])}.")
 
 
 def random_rotations(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -228,6 +228,9 @@ def clip_rng(settings: Synthesis, name: str) -> np.random.Generator:
 
 def synthesize(clip: bvh.Clip, settings: Synthesis, name: str) -> tuple[dict[str, np.ndarray], float]:
     """({site: imu (N, 6) float64 SI}, rate_hz) for a clip; raises ClipProblem (one sentence) when unusable."""
+    overrides = dict(settings.joint_map)
+    roles = sorted({role for site in settings.sites for role in (*SITES[site].position, SITES[site].orientation)})
+    joint = resolve_joints(clip.skeleton.names, roles, overrides, clip.path)
     positions, rotations = bvh.forward_kinematics(clip)
     body = bvh.body_joints(clip.skeleton, positions)
     metres = scale_to_metres(clip, positions[:, body], settings.units)
@@ -239,9 +242,6 @@ def synthesize(clip: bvh.Clip, settings: Synthesis, name: str) -> tuple[dict[str
     if settings.short == "mirror" and clip.n_frames < needed and clip.n_frames * dt >= settings.min_seconds:
         frames = mirror_indices(clip.n_frames, needed)
         positions, rotations = positions[frames], rotations[frames]
-    overrides = dict(settings.joint_map)
-    roles = sorted({role for site in settings.sites for role in (*SITES[site].position, SITES[site].orientation)})
-    joint = resolve_joints(clip.skeleton.names, roles, overrides, clip.path)
     window = max(SAVGOL_ORDER + 2, int(round(SAVGOL_SECONDS / dt)) // 2 * 2 + 1)
     if len(positions) < window:
         raise ClipProblem("too short", f"{clip.path}: {len(positions)} frames, fewer than the {window} the "
@@ -254,12 +254,11 @@ def synthesize(clip: bvh.Clip, settings: Synthesis, name: str) -> tuple[dict[str
         point = positions[:, [joint[role] for role in site.position]].mean(axis=1) * metres
         orientation = rotations[:, joint[site.orientation]] @ mount
         acceleration = signal.savgol_filter(point, window, SAVGOL_ORDER, deriv=2, delta=dt, axis=0, mode="interp")
-        velocity = signal.savgol_filter(point, window, SAVGOL_ORDER, deriv=1, delta=dt, axis=0, mode="interp")
         acc = np.einsum("fji,fj->fi", orientation, acceleration - gravity)
         gyro = body_angular_velocity(orientation, dt)
-        still = np.maximum(np.linalg.norm(velocity, axis=1) / REST_SPEED, np.linalg.norm(gyro, axis=1) / REST_TURN)
-        rest = ndimage.maximum_filter1d(still, int(round(REST_SECONDS / dt)) | 1, mode="nearest") < 1
-        if rest.any():
+        span = int(round(REST_SECONDS / dt)) | 1
+        rest = ndimage.maximum_filter1d(np.linalg.norm(gyro, axis=1), span, mode="nearest") < REST_TURN
+        if rest.sum() >= span:
             at_rest = float(np.median(np.linalg.norm(acc[rest], axis=1)))
             if abs(at_rest - common.STANDARD_GRAVITY) > REST_GRAVITY_TOLERANCE:
                 raise ClipProblem("implausible acc at rest", f"{clip.path}: the {site_name} sensor's median |acc| "
