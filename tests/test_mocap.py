@@ -236,3 +236,20 @@ def test_bad_clips_are_dropped_with_one_sentence_and_the_run_goes_on(bvh_dir, tm
     assert mocap.main(["--bvh-dir", str(only), "--out", str(tmp_path / "mapped_out"), "--towers", "none", "--units", "m",
                        "--up", "+y", "--sites", "wrist_l", "--short", "drop", "--joint-map", "hand_l=Wrist,forearm_l=Hips"]) == 1
     assert "shorter than window" in capsys.readouterr().err  # mapped and synthesised; 1.3 s is below one window
+
+
+def test_demo_mocap_dir_mixes_the_prepared_mocap_into_every_batch(bvh_dir, tmp_path):
+    from configs import demo as demo_config
+    from data_prep import har
+    from primus_jax import data, demo, train
+
+    config = demo_config.get_config()
+    assert config.demo.mocap_dir == ""  # the default demo trains on the watch windows alone
+    assert demo.method_config(config, "primus", str(tmp_path / "watch")).data.mixture == ""
+    har.write_har_dataset(har.basicmotions_source(), str(tmp_path / "watch"))  # a stand-in for the watch windows
+    mocap_out = demo.prepare_mocap(str(bvh_dir), str(tmp_path / "mocap"), 250, 50.0, None)
+    cfg = demo.method_config(config, "primus", str(tmp_path / "watch"), mocap_out)
+    sources = data.parse_mixture(cfg.data.mixture, cfg.data.dir)
+    assert [(s.dataset_dir, s.weight) for s in sources] == [(str(tmp_path / "watch"), 0.5), (mocap_out, 0.5)]
+    manifests, _ = train.read_manifests(sources)  # the two datasets agree on T, rate and widths
+    assert manifests[1]["splits"]["train"]["records"] == 8 and manifests[1]["source"] == "mocap"
