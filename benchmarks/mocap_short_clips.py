@@ -10,8 +10,12 @@ T samples every T/2 at --rate Hz (`common.window_starts` on the resampled length
     half       windows of T/2 samples (2.5 s at the defaults), every T/4
     concat     the clips of one (collection, action, style) joined end to end, as if one recording
 
-The last line is JSON with the counts, the clips per option that give at least one window, and the
-share of clips shorter than one window.
+With --seam-every K (K > 0) it also measures what concatenation does at every K-th seam between
+consecutive takes of a group: the rotation of the left forearm (Bandai-Namco's LowerArm_L) from
+the last frame of one take to the first of the next, against its median frame-to-frame rotation.
+
+The last line is JSON with the counts, the clips per option that give at least one window, the
+share of clips shorter than one window and the seam statistics.
 """
 from __future__ import annotations
 
@@ -22,7 +26,9 @@ import json
 import math
 import os
 
-from data_prep import common
+import numpy as np
+
+from data_prep import bvh, common, mocap
 
 
 def header(path: str) -> tuple[int, float]:
@@ -40,6 +46,25 @@ def windows(n_frames: int, frame_time: float, T: int, rate: float) -> int:
     return len(common.window_starts(math.ceil(n_frames * frame_time * rate), T, T // 2))
 
 
+def forearm_rotations(path: str, joint: str = "LowerArm_L") -> np.ndarray:
+    clip = bvh.read(path)
+    return bvh.forward_kinematics(clip)[1][:, clip.skeleton.names.index(joint)]
+
+
+def seam_statistics(groups: dict, every: int) -> dict:
+    """Degrees the forearm turns across every `every`-th seam, and in a typical frame of the takes."""
+    pairs = [(g[i], g[i + 1]) for g in groups.values() for i in range(len(g) - 1)][::every]
+    jumps, steps = [], []
+    for first, second in pairs:
+        a, b = forearm_rotations(first), forearm_rotations(second)
+        jumps.append(np.linalg.norm(mocap.rotation_log(a[-1].T @ b[0])))
+        for r in (a, b):
+            steps.append(np.median(np.linalg.norm(mocap.rotation_log(np.swapaxes(r[:-1], -1, -2) @ r[1:]), axis=-1)))
+    return {"seams": len(pairs), "seam_deg_median": round(float(np.rad2deg(np.median(jumps))), 1),
+            "seam_deg_p90": round(float(np.rad2deg(np.percentile(jumps, 90))), 1),
+            "frame_deg_median": round(float(np.rad2deg(np.median(steps))), 2)}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.mocap_short_clips", description=__doc__.split("\n\n")[0])
     parser.add_argument("--bvh-dir", required=True)
@@ -47,12 +72,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--rate", type=float, default=50.0)
     parser.add_argument("--sites", type=int, default=4)
     parser.add_argument("--min-seconds", type=float, default=2.5)
+    parser.add_argument("--seam-every", type=int, default=0, help="measure every K-th concatenation seam (0: none)")
     args = parser.parse_args(argv)
     clips = [(path, *header(path)) for path in sorted(glob.glob(os.path.join(args.bvh_dir, "**", "*.bvh"), recursive=True))]
     window_s = args.T / args.rate
     counts = collections.Counter()
     producing = collections.Counter()
     groups = collections.defaultdict(float)
+    members = collections.defaultdict(list)
     for path, n, dt in clips:
         seconds = n * dt
         drop = windows(n, dt, args.T, args.rate)
@@ -63,6 +90,7 @@ def main(argv=None) -> dict:
             producing[option] += count > 0
         collection, action, style = os.path.basename(path).split("_")[:3]
         groups[(collection, action, style)] += seconds
+        members[(collection, action, style)].append(path)
     for seconds in groups.values():
         count = len(common.window_starts(math.ceil(seconds * args.rate), args.T, args.T // 2))
         counts["concat"] += count * args.sites
@@ -72,6 +100,8 @@ def main(argv=None) -> dict:
         "clips_shorter_than_window": sum(n * dt < window_s for _, n, dt in clips),
         "windows": dict(counts), "clips_or_groups_with_a_window": dict(producing), "concat_groups": len(groups),
     }
+    if args.seam_every:
+        result["concat_seams"] = seam_statistics(members, args.seam_every)
     print(json.dumps(result))
     return result
 
