@@ -22,10 +22,11 @@ per clip and site from --seed, or the identity with --mount none) and position p
     gyroscope      the body-frame angular velocity: at frame t, log(R_s(t-1)^T R_s(t+1)) / (2 dt)
                    (one-sided differences at the ends), in rad/s.
 
-p'' is the second derivative of a Savitzky-Golay fit (cubic, over 0.25 s, 7 frames at 30 fps):
-twice differencing raw marker positions multiplies their millimetre jitter by 1/dt^2 (about 9 m/s^2
-per mm at 30 fps), while a local cubic fit averages it out and still reproduces any motion of
-constant acceleration (or jerk) exactly, to the clip's ends ("interp" mode fits the edge windows).
+p'' is the second derivative of a Savitzky-Golay fit (cubic, over 2 round(0.125 s / dt) + 1 frames,
+about 0.25 s: 9 frames at 30 fps): twice differencing raw marker positions multiplies their
+millimetre jitter by 1/dt^2 (0.9 m/s^2 per mm at 30 fps), while a local cubic fit averages it out
+and still reproduces any motion of constant acceleration (or jerk) exactly, to the clip's ends
+("interp" mode fits the edge windows).
 
 --noise adds a seeded model per clip and site: a constant bias b ~ N(0, sigma_b^2) per axis and
 white noise n ~ N(0, sigma_n^2) per sample, on the accelerometer (sigma_b 0.1, sigma_n 0.05 m/s^2)
@@ -242,7 +243,7 @@ def synthesize(clip: bvh.Clip, settings: Synthesis, name: str) -> tuple[dict[str
     if settings.short == "mirror" and clip.n_frames < needed and clip.n_frames * dt >= settings.min_seconds:
         frames = mirror_indices(clip.n_frames, needed)
         positions, rotations = positions[frames], rotations[frames]
-    window = max(SAVGOL_ORDER + 2, int(round(SAVGOL_SECONDS / dt)) // 2 * 2 + 1)
+    window = max(SAVGOL_ORDER + 2, 2 * int(round(SAVGOL_SECONDS / dt / 2)) + 1)
     if len(positions) < window:
         raise ClipProblem("too short", f"{clip.path}: {len(positions)} frames, fewer than the {window} the "
                           "acceleration filter needs.")
