@@ -248,7 +248,8 @@ def synthesize(clip: bvh.Clip, settings: Synthesis, name: str) -> tuple[dict[str
         raise ClipProblem("too short", f"{clip.path}: {len(positions)} frames, fewer than the {window} the "
                           "acceleration filter needs.")
     rng = clip_rng(settings, name)
-    mounts = random_rotations(rng, len(settings.sites)) if settings.mount == "random" else np.tile(np.eye(3), (len(settings.sites), 1, 1))
+    n_sites = len(settings.sites)
+    mounts = random_rotations(rng, n_sites) if settings.mount == "random" else np.tile(np.eye(3), (n_sites, 1, 1))
     imus = {}
     for site_name, mount in zip(settings.sites, mounts):
         site = SITES[site_name]
@@ -403,7 +404,8 @@ class MocapJob:
         label = self.class_names.index(item.action)
         for site, imu in imus.items():
             recording = har.Recording(f"{item.name}:{site}", imu, rate_hz, label, "", item.split)
-            problem = None if len(imu) * self.rate_hz / rate_hz < self.T else common.check_imu(imu, recording.recording_id)
+            long_enough = len(imu) * self.rate_hz / rate_hz >= self.T  # else cut_windows drops it as too short
+            problem = common.check_imu(imu, recording.recording_id) if long_enough else None
             if problem:
                 report.drop(*problem)
                 continue
