@@ -128,7 +128,7 @@ class Synthesis:
     seed: int = 0
     short: str = "mirror"
     min_seconds: float = 2.5
-    window_seconds: float = 5.0
+    window_seconds: float = 5.0  # set by write_mocap_dataset to T / rate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -454,6 +454,7 @@ def write_mocap_dataset(
     if unknown:
         raise ValueError(f"--sites: unknown sites {unknown}; choose from {', '.join(SITES)}.")
     hop = T // 2 if hop is None else hop
+    settings = dataclasses.replace(settings, window_seconds=T / rate_hz)  # what --short mirror extends to
     listed, problems = list_clips(bvh_dir, labels)
     split_of = common.split_by_group([name for _, name, _, _ in listed], fractions or {"train": 1.0}, split_seed)
     clips = tuple(ClipItem(path, name, action, style, split_of[name]) for path, name, action, style in listed)
@@ -527,7 +528,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = Synthesis(
         sites=tuple(args.sites), joint_map=args.joint_map, units=args.units, up=args.up, mount=args.mount,
         noise=args.noise, seed=args.seed, short=args.short, min_seconds=args.min_seconds,
-        window_seconds=args.T / args.target_rate,
     )
     try:
         out = paths.check_access(args.out)
