@@ -253,3 +253,15 @@ def test_demo_mocap_dir_mixes_the_prepared_mocap_into_every_batch(bvh_dir, tmp_p
     assert [(s.dataset_dir, s.weight) for s in sources] == [(str(tmp_path / "watch"), 0.5), (mocap_out, 0.5)]
     manifests, _ = train.read_manifests(sources)  # the two datasets agree on T, rate and widths
     assert manifests[1]["splits"]["train"]["records"] == 8 and manifests[1]["source"] == "mocap"
+
+
+def test_labels_from_a_csv(bvh_dir, tmp_path):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file,action,style\ndataset-1_walk_normal_001.bvh,stroll,sad\ndataset-1_bow_normal_001.bvh,greet,\n")
+    clips, problems = mocap.list_clips(str(bvh_dir), str(labels))
+    assert [(name, action, style) for _, name, action, style in clips] == [
+        ("dataset-1_bow_normal_001.bvh", "greet", ""), ("dataset-1_walk_normal_001.bvh", "stroll", "sad")]
+    assert problems == [common.Problem("unlabelled clip", f"dataset-1_dash_normal_001.bvh: no action for it in {labels}")]
+    (tmp_path / "bad.csv").write_text("name,label\nx,y\n")
+    with pytest.raises(ValueError, match="needs a header file,action"):
+        mocap.list_clips(str(bvh_dir), str(tmp_path / "bad.csv"))
