@@ -265,3 +265,18 @@ def test_labels_from_a_csv(bvh_dir, tmp_path):
     (tmp_path / "bad.csv").write_text("name,label\nx,y\n")
     with pytest.raises(ValueError, match="needs a header file,action"):
         mocap.list_clips(str(bvh_dir), str(tmp_path / "bad.csv"))
+
+
+def test_noise_model_is_seeded_bias_plus_white_noise(tmp_path):
+    path = write_bvh(tmp_path / "still.bvh", root_motion(600))
+    noisy = dict(sites=("waist",), units="m", up="+y", mount="none", short="drop", noise=True)
+    clean, _ = mocap.synthesize(bvh.read(path), STATIC, "still")
+    imu, _ = mocap.synthesize(bvh.read(path), mocap.Synthesis(**noisy), "still")
+    again, _ = mocap.synthesize(bvh.read(path), mocap.Synthesis(**noisy), "still")
+    other, _ = mocap.synthesize(bvh.read(path), mocap.Synthesis(**noisy, seed=1), "still")
+    np.testing.assert_array_equal(imu["waist"], again["waist"])
+    assert not np.array_equal(imu["waist"], other["waist"])
+    error = imu["waist"] - clean["waist"]
+    residual = error - error.mean(axis=0)  # the bias is constant over the clip
+    for columns, sigma in ((slice(0, 3), mocap.NOISE["acc_noise"]), (slice(3, 6), mocap.NOISE["gyro_noise"])):
+        assert 0.85 * sigma < residual[:, columns].std() < 1.15 * sigma  # 1,800 samples: s.e. 1.7 %
