@@ -9,6 +9,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["primus_jax", "primus_jax.*", "configs", "data_prep", "benchmarks"]),
+    package_data={"data_prep": ["mocap_templates.txt"]},  # the narration templates of data_prep.mocap
     install_requires=[
         "jax>=0.10.2,<0.12",
         "jaxlib>=0.10.2,<0.12",

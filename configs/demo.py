@@ -35,6 +35,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.demo = ml_collections.ConfigDict()
     config.demo.data_root = ""  # default: <workdir>/data; prepared datasets found there are reused
     config.demo.text_tower = "minilm"
+    # A folder of BVH motion capture (e.g. Bandai-Namco's): data_prep.mocap synthesises IMU from it into
+    # <data_root>/mocap and every pretraining batch becomes half watch, half mocap windows. "": watch only.
+    config.demo.mocap_dir = ""
     config.demo.heldout_subjects = "8,9,10"
     # The suite tests on the last third of the held-out subjects (10); the others (8, 9) give the shots.
     config.demo.methods = ("primus", "simclr", "imu2clip", "multitask_ssl")  # names from configs/ablations.py

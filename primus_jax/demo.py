@@ -39,6 +39,8 @@ def prepare_data(config: ml_collections.ConfigDict, data_root: str, text_tower) 
         "basicmotions": (har.basicmotions_source, T // 2),
     }
     paths = {}
+    if config.demo.mocap_dir:
+        paths["mocap"] = prepare_mocap(config.demo.mocap_dir, os.path.join(data_root, "mocap"), T, rate_hz, text_tower)
     for name, (make_source, hop) in sources.items():
         out = os.path.join(data_root, name)
         paths[name] = out
@@ -53,22 +55,37 @@ def prepare_data(config: ml_collections.ConfigDict, data_root: str, text_tower) 
     return paths
 
 
-def method_config(config: ml_collections.ConfigDict, method: str, data_dir: str) -> ml_collections.ConfigDict:
-    """The demo's training settings with the objective of ablation `method`."""
+def prepare_mocap(bvh_dir: str, out: str, T: int, rate_hz: float, text_tower) -> str:
+    """Synthesise (or reuse) IMU from the BVH clips under bvh_dir with data_prep.mocap's defaults."""
+    from data_prep import mocap
+
+    if os.path.exists(os.path.join(out, data.MANIFEST_NAME)):
+        log.info("reusing the prepared dataset %s", out)
+        return out
+    print(mocap.write_mocap_dataset(bvh_dir, out, T=T, rate_hz=rate_hz, text_tower=text_tower, overwrite=True).summary())
+    return out
+
+
+def method_config(config: ml_collections.ConfigDict, method: str, data_dir: str,
+                  mocap_dir: str = "") -> ml_collections.ConfigDict:
+    """The demo's training settings with the objective of ablation `method`; with a prepared mocap
+    dataset, every batch is half watch, half mocap windows."""
     cfg = copy.deepcopy(config)
     cfg.data.dir = data_dir
+    if mocap_dir:
+        cfg.data.mixture = f"{os.path.abspath(data_dir)}:0.5,{os.path.abspath(mocap_dir)}:0.5"
     cfg.objective.update(ablations.ABLATIONS[method])
     cfg.objective.use_mm_video = False
     return cfg
 
 
-def pretrain(config: ml_collections.ConfigDict, workdir: str, data_dir: str) -> None:
+def pretrain(config: ml_collections.ConfigDict, workdir: str, data_dir: str, mocap_dir: str = "") -> None:
     """Pretrain and export every method of config.demo.methods into <workdir>/pretrain/<method>.
 
     PRIMUS trains for train.num_steps steps, the other methods for demo.baseline_steps (0: the same).
     """
     for method in config.demo.methods:
-        cfg = method_config(config, method, data_dir)
+        cfg = method_config(config, method, data_dir, mocap_dir)
         if method != "primus" and config.demo.baseline_steps:
             cfg.train.num_steps = config.demo.baseline_steps
         print(f"pretraining {METHOD_LABELS.get(method, method)} ({cfg.train.num_steps} steps)", flush=True)
@@ -107,7 +124,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     text_tower = towers.load_text_tower(config.demo.text_tower)
     paths = prepare_data(config, config.demo.data_root or os.path.join(workdir, "data"), text_tower)
-    pretrain(config, workdir, paths["watch"])
+    pretrain(config, workdir, paths["watch"], paths.get("mocap", ""))
     if "primus" in config.demo.methods:
         export = os.path.join(workdir, "export")
         shutil.rmtree(export, ignore_errors=True)
