@@ -67,22 +67,52 @@ class FewShotProtocol:
 
 @dataclasses.dataclass(frozen=True)
 class LinearProbeConfig:
-    """L2-regularised multinomial logistic regression on frozen, L2-normalised features.
+    """Multinomial logistic regression on frozen, standardised features, fitted to convergence.
 
-    Full-batch Adam(learning_rate) for ``steps`` steps from W_0 on, over the n shots,
+    On the n shots x_i (D,) with labels y_i, the head W (C, D), b (C,) minimises
 
-        loss(W, b) = mean_i CE(W x_i + b, y_i) + ||W - W_0||^2 / (2 C n),
+        loss(W, b) = mean_i CE(W x_i + b, y_i) + ||W - W_0||^2 / (2 C n)
 
-    C = ``inverse_regularization`` (scikit-learn's LogisticRegression(C) scaling: the pull
-    weakens as shots grow). W_0 is zero or the text prototypes, so with class text the
-    penalty pulls toward the zero-shot classifier. Without it, few shots in many dimensions
-    are separable and the unregularised fit drifts onto noise directions (on 4 Gaussian
-    classes in 16-d at 5 shots: 0.85 test accuracy unregularised, 0.98 with C = 1).
+    (scikit-learn's ``LogisticRegression(C)`` objective, bias unpenalised) by L-BFGS
+    (``scipy.optimize.minimize``, float64) until the projected gradient's largest entry falls
+    below ``gradient_tolerance`` or the relative loss change below ``loss_tolerance``; a fit
+    that stops at ``max_iterations`` is recorded as not converged. W_0 is zero, or the text
+    prototypes for the text-prior start (:func:`few_shot_probe`).
+
+    C: with ``inverse_regularization`` set, that fixed value; otherwise chosen per trial from
+    ``c_grid`` by stratified ``cv_folds``-fold cross-validation on the shots (folds =
+    min(cv_folds, shots per class); the highest mean held-out accuracy, ties to the smallest C, as
+    scikit-learn's ``LogisticRegressionCV``). At 1 shot per class no shot can be held out, and C = ``single_shot_c``.
     """
 
-    steps: int = 500
-    learning_rate: float = 1e-2
-    inverse_regularization: float = 1.0
+    c_grid: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 1e1, 1e2, 1e3)
+    cv_folds: int = 3
+    inverse_regularization: float | None = None
+    single_shot_c: float = 1.0
+    gradient_tolerance: float = 1e-6
+    loss_tolerance: float = 1e-12
+    max_iterations: int = 1000
+
+    def __post_init__(self):
+        grid = (self.inverse_regularization,) if self.inverse_regularization is not None else self.c_grid
+        if not grid or min(grid) <= 0 or self.single_shot_c <= 0:
+            raise ValueError(f"LinearProbeConfig: every C must be positive, got grid {self.c_grid}, "
+                             f"inverse_regularization {self.inverse_regularization}, single_shot_c {self.single_shot_c}.")
+        if self.cv_folds < 2 or self.max_iterations < 1:
+            raise ValueError(f"LinearProbeConfig needs cv_folds >= 2 and max_iterations >= 1, got {self.cv_folds} "
+                             f"and {self.max_iterations}.")
+        object.__setattr__(self, "c_grid", tuple(float(c) for c in self.c_grid))
+
+    def describe(self) -> str:
+        """One sentence naming the probe and its C selection, for reports."""
+        if self.inverse_regularization is not None:
+            c_rule = f"C = {self.inverse_regularization:g} fixed"
+        else:
+            c_rule = (f"C chosen per trial by stratified {self.cv_folds}-fold cross-validation on the shots "
+                      f"(folds = min({self.cv_folds}, shots per class)) over C in "
+                      f"{{{', '.join(f'{c:g}' for c in self.c_grid)}}}; C = {self.single_shot_c:g} at 1 shot")
+        return (f"multinomial logistic regression (L2 penalty ||W||^2 / 2C, bias free) fitted by L-BFGS to "
+                f"gradient tolerance {self.gradient_tolerance:g} (at most {self.max_iterations} iterations); {c_rule}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,20 +196,25 @@ def _padded_size(labels: np.ndarray, protocol: FewShotProtocol) -> int:
 def _run_trials(
     protocol: FewShotProtocol,
     train_labels: np.ndarray,
-    fit_and_score: Callable[[np.ndarray, int], float],
+    fit_and_score: Callable[[np.ndarray, int], float | tuple[float, dict[str, Any]]],
     desc: str,
     progress: bool,
 ) -> dict[int, dict[str, Any]]:
-    """Runs ``protocol`` (module docstring); ``fit_and_score(shot indices, trial seed) -> accuracy``."""
+    """Runs ``protocol`` (module docstring); ``fit_and_score(shot indices, trial seed)`` returns the
+    accuracy, or (accuracy, {field: value}) whose fields are listed per trial in the stats."""
     trials = protocol.trials
     results = {}
     bar = tqdm(total=len(protocol.shots) * trials, desc=desc, disable=not progress, leave=False)
     for k in protocol.shots:
-        accuracies, seeds, short = [], [], {}
+        accuracies, seeds, short, fields = [], [], {}, {}
         for t in range(trials):
             s = trial_seed(protocol.seed, k, t)
             indices, short = sample_shots(train_labels, k, protocol.num_classes, np.random.default_rng(s))
-            accuracies.append(float(fit_and_score(indices, s)))
+            outcome = fit_and_score(indices, s)
+            accuracy, extra = outcome if isinstance(outcome, tuple) else (outcome, {})
+            accuracies.append(float(accuracy))
+            for name, value in extra.items():
+                fields.setdefault(name, []).append(value)
             seeds.append(s)
             bar.update()
         acc = np.asarray(accuracies)
@@ -190,6 +225,7 @@ def _run_trials(
             "accuracies": accuracies,
             "seeds": seeds,
             "short_classes": short,
+            **fields,
         }
     bar.close()
     return results
@@ -211,26 +247,6 @@ def _masked_cross_entropy(logits, labels, mask):
     return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-@functools.partial(jax.jit, static_argnames="config")
-def _fit_linear_head(feats, labels, mask, head, config: LinearProbeConfig):
-    """Minimises LinearProbeConfig's loss from ``head``; feats (N, D), labels (N,), mask (N,), W (C, D)."""
-    optimizer = optax.adam(config.learning_rate)
-    penalty = 1.0 / (2.0 * config.inverse_regularization * jnp.sum(mask))
-    w_0 = head["w"]
-
-    def loss_fn(h):
-        return _masked_cross_entropy(feats @ h["w"].T + h["b"], labels, mask) + penalty * jnp.sum((h["w"] - w_0) ** 2)
-
-    def step(carry, _):
-        h, opt_state = carry
-        grads = jax.grad(loss_fn)(h)
-        updates, opt_state = optimizer.update(grads, opt_state, h)
-        return (optax.apply_updates(h, updates), opt_state), None
-
-    (head, _), _ = jax.lax.scan(step, (head, optimizer.init(head)), None, length=config.steps)
-    return head
-
-
 def _initial_head(num_classes: int, dim: int, class_text_embs) -> dict[str, np.ndarray]:
     """W = class_prototypes(class_text_embs) (a zero-shot classifier) or zeros; b = 0."""
     if class_text_embs is None:
@@ -248,6 +264,93 @@ def _head_accuracy(head, feats: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.argmax(logits, axis=1) == labels))
 
 
+@dataclasses.dataclass(frozen=True)
+class LogisticFit:
+    """A fitted head W (C, D), b (C,) float64, whether L-BFGS converged, and its iterations."""
+
+    w: np.ndarray
+    b: np.ndarray
+    converged: bool
+    iterations: int
+
+    def logits(self, feats) -> np.ndarray:
+        """(N, C) logits W x + b of features (N, D)."""
+        return np.asarray(feats, np.float64) @ self.w.T + self.b
+
+
+def fit_logistic_regression(feats, labels, num_classes: int, c: float, *, w_0=None, start: LogisticFit | None = None,
+                            config: LinearProbeConfig = LinearProbeConfig()) -> LogisticFit:
+    """Minimises :class:`LinearProbeConfig`'s loss at inverse regularisation ``c`` by L-BFGS.
+
+    feats (n, D), labels (n,) in [0, num_classes); ``w_0`` (C, D) the penalty's centre (zeros when
+    None); ``start`` a previous fit to warm-start from (e.g. the neighbouring C of a grid).
+    The gradient is exact: with P = softmax(X W^T + b), Y one-hot,
+    dL/dW = (P - Y)^T X / n + (W - W_0) / (C n) and dL/db = sum_i (P - Y)_i / n.
+    """
+    from scipy import optimize
+
+    x = np.asarray(feats, np.float64)
+    n, dim = x.shape
+    y = np.eye(num_classes)[np.asarray(labels)]
+    centre = np.zeros((num_classes, dim)) if w_0 is None else np.asarray(w_0, np.float64)
+    strength = 1.0 / (c * n)
+    split = num_classes * dim
+
+    def loss_and_grad(theta):
+        w, b = theta[:split].reshape(num_classes, dim), theta[split:]
+        logits = x @ w.T + b
+        logits -= logits.max(axis=1, keepdims=True)
+        log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        residual = (np.exp(log_p) - y) / n
+        pull = w - centre
+        loss = -np.sum(y * log_p) / n + 0.5 * strength * np.sum(pull * pull)
+        return loss, np.concatenate([(residual.T @ x + strength * pull).ravel(), residual.sum(axis=0)])
+
+    theta = (np.concatenate([centre.ravel(), np.zeros(num_classes)]) if start is None
+             else np.concatenate([start.w.ravel(), start.b]))
+    result = optimize.minimize(loss_and_grad, theta, jac=True, method="L-BFGS-B",
+                               options={"maxiter": config.max_iterations, "gtol": config.gradient_tolerance,
+                                        "ftol": config.loss_tolerance})
+    return LogisticFit(result.x[:split].reshape(num_classes, dim), result.x[split:], bool(result.success),
+                       int(result.nit))
+
+
+def stratified_folds(labels: np.ndarray, folds: int, rng: np.random.Generator) -> np.ndarray:
+    """(n,) fold index in [0, folds): each class's members shuffled by ``rng`` and dealt round-robin,
+    so a class with m >= folds members has m // folds or m // folds + 1 in every fold."""
+    fold = np.empty(labels.shape, np.int64)
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        fold[members] = np.arange(members.size) % folds
+    return fold
+
+
+def choose_c(feats, labels, num_classes: int, rng: np.random.Generator, *, w_0=None,
+             config: LinearProbeConfig = LinearProbeConfig()) -> tuple[float, str]:
+    """(C, how it was chosen) for shots feats (n, D), labels (n,): :class:`LinearProbeConfig`'s rule.
+
+    Each fold fits the grid in increasing C, each fit warm-started from the previous one.
+    """
+    if config.inverse_regularization is not None:
+        return config.inverse_regularization, "fixed"
+    per_class = int(np.bincount(labels, minlength=num_classes)[np.unique(labels)].min())
+    folds = min(config.cv_folds, per_class)
+    if folds < 2:
+        return config.single_shot_c, "fixed (1 shot per class: none to hold out)"
+    fold = stratified_folds(labels, folds, rng)
+    grid = sorted(config.c_grid)
+    accuracy = np.zeros(len(grid))
+    for f in range(folds):
+        train, held = fold != f, fold == f
+        fit = None
+        for i, c in enumerate(grid):
+            fit = fit_logistic_regression(feats[train], labels[train], num_classes, c, w_0=w_0, start=fit,
+                                          config=config)
+            accuracy[i] += _head_accuracy({"w": fit.w, "b": fit.b}, feats[held], labels[held]) / folds
+    best = int(np.argmax(np.round(accuracy, 12)))  # the first maximum: the smallest C among ties
+    return grid[best], f"{folds}-fold cross-validation"
+
+
 def few_shot_probe(
     train_feats,
     train_labels,
@@ -262,26 +365,32 @@ def few_shot_probe(
 ) -> dict[int, dict[str, Any]]:
     """Linear probe on frozen features (N, D), run over ``protocol`` (module docstring).
 
-    Features (N, D) are L2-normalised; the head W (C, D), b (C,) starts at W_0 = zeros, or
-    at W_0 = ``class_prototypes(class_text_embs)`` with b = 0 (the reference's zero-shot
-    start), and is fitted by :class:`LinearProbeConfig`'s regularised loss.
-    Shot sets are zero-padded with mask to one size, so the fit compiles once per call.
-    Returns {k: {"shots", "mean", "se", "accuracies", "seeds", "short_classes"}}.
+    Features are standardised, (f - mu) / sigma with mu, sigma (D,) from the whole training pool
+    ``train_feats`` (never the test split), and the head starts at W_0 = 0. With
+    ``class_text_embs`` (the text-prior start) the features are instead L2-normalised (the text
+    space's geometry) and the penalty pulls W toward W_0 = ``class_prototypes(class_text_embs)``,
+    the zero-shot classifier. Each trial chooses C (:func:`choose_c`, the fold split drawn from
+    the trial seed), fits :func:`fit_logistic_regression` on all its shots and scores the test set.
+    Returns {k: {"shots", "mean", "se", "accuracies", "seeds", "short_classes", "c",
+    "c_selection", "converged", "iterations"}}, the last four one entry per trial.
     """
     train_feats, train_labels = _check_labelled("train", train_feats, train_labels, protocol.num_classes)
     test_feats, test_labels = _check_labelled("test", test_feats, test_labels, protocol.num_classes)
     if train_feats.ndim != 2 or test_feats.ndim != 2 or train_feats.shape[1] != test_feats.shape[1]:
         raise ValueError(f"train/test features must be (N, D) with equal D, got {train_feats.shape} and {test_feats.shape}.")
-    train_feats = l2_normalize(train_feats.astype(np.float32))
-    test_feats = l2_normalize(test_feats.astype(np.float32))
-    head0 = _initial_head(protocol.num_classes, train_feats.shape[1], class_text_embs)
-    size = _padded_size(train_labels, protocol)
+    if class_text_embs is None:
+        train_feats, test_feats = standardize(train_feats, test_feats)
+        w_0 = None
+    else:
+        train_feats, test_feats = l2_normalize(train_feats.astype(np.float32)), l2_normalize(test_feats.astype(np.float32))
+        w_0 = _initial_head(protocol.num_classes, train_feats.shape[1], class_text_embs)["w"]
 
-    def fit_and_score(indices, _):
-        feats, mask = _pad_rows(train_feats[indices], size)
-        labels, _ = _pad_rows(train_labels[indices], size)
-        head = _fit_linear_head(feats, labels, mask, head0, config)
-        return _head_accuracy(head, test_feats, test_labels)
+    def fit_and_score(indices, seed):
+        feats, labels = train_feats[indices], train_labels[indices]
+        c, how = choose_c(feats, labels, protocol.num_classes, np.random.default_rng(seed), w_0=w_0, config=config)
+        fit = fit_logistic_regression(feats, labels, protocol.num_classes, c, w_0=w_0, config=config)
+        accuracy = _head_accuracy({"w": fit.w, "b": fit.b}, test_feats, test_labels)
+        return accuracy, {"c": c, "c_selection": how, "converged": fit.converged, "iterations": fit.iterations}
 
     return _run_trials(protocol, train_labels, fit_and_score, desc, progress)
 
