@@ -611,6 +611,14 @@ def _format_cell(stats: Mapping[str, Any] | None) -> str:
     return f"{stats['mean']:.3f} ± {stats['se']:.3f}"
 
 
+def _format_probe(stats: Mapping[str, Any] | None) -> str:
+    """"C" (median chosen C over trials), with the count of fits that did not converge; "n/a" when not run."""
+    if stats is None or "c" not in stats:
+        return "n/a"
+    failed = len(stats["converged"]) - sum(stats["converged"])
+    return f"{float(np.median(stats['c'])):g}" + (f" (not converged: {failed})" if failed else "")
+
+
 def _shot_table(methods: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[int, Mapping[str, Any]]]:
     """{method: {k: stats}} with integer k (JSON turns the keys into strings)."""
     return {name: {int(k): v for k, v in m.get("few_shot", {}).items()} for name, m in methods.items()}
@@ -636,6 +644,13 @@ def results_markdown(results: Mapping[str, Mapping[str, Any]]) -> str:
             if has_zero_shot:
                 cells.append(f"{method['zero_shot']:.3f}" if "zero_shot" in method else "—")
             lines.append("| " + " | ".join(cells) + " |")
+        probed = {name: table for name, table in few_shot.items() if any("c" in s for s in table.values())}
+        if probed:
+            lines += ["", "Probe C per shot count (median over trials; \"not converged: n\" counts fits that hit the "
+                      "iteration limit):", "", "| method | " + " | ".join(f"{k}-shot" for k in shots) + " |",
+                      "|" + "---|" * (len(shots) + 1)]
+            for name, table in probed.items():
+                lines.append(f"| {name} | " + " | ".join(_format_probe(table.get(k)) for k in shots) + " |")
         retrieval = {name: m["retrieval"] for name, m in methods.items() if "retrieval" in m}
         if retrieval:
             columns = list(next(iter(retrieval.values())))

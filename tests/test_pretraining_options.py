@@ -265,7 +265,7 @@ def _pod_overrides(datasets, **extra) -> list[str]:
         datasets, data__mixture="egoexo4d:3,ego4d:1", optim__warmup_steps=2, train__profile_steps="(4,5)",
         data__workers=0, train__checkpoint_every=3,  # decoding workers are tested elsewhere
         evals__fewshot__every=3, evals__fewshot__data_dir=downstream, evals__fewshot__shots="(1,2)",
-        evals__fewshot__trials=2, evals__fewshot__probe_steps=20,
+        evals__fewshot__trials=2, evals__fewshot__c_grid=(0.1, 10.0),
         evals__zeroshot__every=3, evals__zeroshot__data_dir=downstream, evals__zeroshot__text_tower="tiny-random",
         evals__retrieval__every=3, evals__retrieval__data_dir=downstream, **extra)
 
