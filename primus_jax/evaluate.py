@@ -89,7 +89,7 @@ class LinearProbeConfig:
     cv_folds: int = 3
     inverse_regularization: float | None = None
     single_shot_c: float = 1.0
-    gradient_tolerance: float = 1e-6
+    gradient_tolerance: float = 1e-4
     loss_tolerance: float = 1e-12
     max_iterations: int = 1000
 
@@ -282,10 +282,15 @@ def fit_logistic_regression(feats, labels, num_classes: int, c: float, *, w_0=No
                             config: LinearProbeConfig = LinearProbeConfig()) -> LogisticFit:
     """Minimises :class:`LinearProbeConfig`'s loss at inverse regularisation ``c`` by L-BFGS.
 
-    feats (n, D), labels (n,) in [0, num_classes); ``w_0`` (C, D) the penalty's centre (zeros when
+    feats X (n, D), labels (n,) in [0, num_classes); ``w_0`` (C, D) the penalty's centre (zeros when
     None); ``start`` a previous fit to warm-start from (e.g. the neighbouring C of a grid).
-    The gradient is exact: with P = softmax(X W^T + b), Y one-hot,
-    dL/dW = (P - Y)^T X / n + (W - W_0) / (C n) and dL/db = sum_i (P - Y)_i / n.
+
+    The fit runs in the row space of X: with the thin SVD X = U S V^T (V: D x r, r = min(n, D)),
+    W = W_0 + A V^T, A (C, r), so X W^T = X W_0^T + (U S) A^T and ||W - W_0||^2 = ||A||^2. The
+    loss's gradient in W, (P - Y)^T X / n + (W - W_0) / (C n) with P = softmax(X W^T + b) and Y
+    one-hot, lies in that space, so L-BFGS started there takes the iterates it would take in all D
+    dimensions, at r / D of the cost per step (n << D for few shots). dL/dA = (P - Y)^T (U S) / n
+    + A / (C n), dL/db = sum_i (P - Y)_i / n.
     """
     from scipy import optimize
 
@@ -293,26 +298,33 @@ def fit_logistic_regression(feats, labels, num_classes: int, c: float, *, w_0=No
     n, dim = x.shape
     y = np.eye(num_classes)[np.asarray(labels)]
     centre = np.zeros((num_classes, dim)) if w_0 is None else np.asarray(w_0, np.float64)
+    u, singular, v_t = np.linalg.svd(x, full_matrices=False)
     strength = 1.0 / (c * n)
-    split = num_classes * dim
+    # A = A' / scale: each direction's curvature at uniform predictions, s_i^2 q / n + 1 / (C n) with
+    # q = (1 / C)(1 - 1 / C), becomes about 1 in A'.
+    q = (1.0 / num_classes) * (1.0 - 1.0 / num_classes)
+    scale = np.sqrt(singular ** 2 * q / n + strength)
+    z = u * (singular / scale)  # (n, r): X V diag(1 / scale)
+    offset = x @ centre.T  # (n, C)
+    split = num_classes * z.shape[1]
 
     def loss_and_grad(theta):
-        w, b = theta[:split].reshape(num_classes, dim), theta[split:]
-        logits = x @ w.T + b
+        a, b = theta[:split].reshape(num_classes, -1), theta[split:]
+        logits = offset + z @ a.T + b
         logits -= logits.max(axis=1, keepdims=True)
         log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
         residual = (np.exp(log_p) - y) / n
-        pull = w - centre
-        loss = -np.sum(y * log_p) / n + 0.5 * strength * np.sum(pull * pull)
-        return loss, np.concatenate([(residual.T @ x + strength * pull).ravel(), residual.sum(axis=0)])
+        penalised = a / scale ** 2
+        loss = -np.sum(y * log_p) / n + 0.5 * strength * np.sum(a * penalised)
+        return loss, np.concatenate([(residual.T @ z + strength * penalised).ravel(), residual.sum(axis=0)])
 
-    theta = (np.concatenate([centre.ravel(), np.zeros(num_classes)]) if start is None
-             else np.concatenate([start.w.ravel(), start.b]))
-    result = optimize.minimize(loss_and_grad, theta, jac=True, method="L-BFGS-B",
+    a_0 = np.zeros((num_classes, z.shape[1])) if start is None else (start.w - centre) @ v_t.T * scale
+    b_0 = np.zeros(num_classes) if start is None else start.b
+    result = optimize.minimize(loss_and_grad, np.concatenate([a_0.ravel(), b_0]), jac=True, method="L-BFGS-B",
                                options={"maxiter": config.max_iterations, "gtol": config.gradient_tolerance,
                                         "ftol": config.loss_tolerance})
-    return LogisticFit(result.x[:split].reshape(num_classes, dim), result.x[split:], bool(result.success),
-                       int(result.nit))
+    w = centre + (result.x[:split].reshape(num_classes, -1) / scale) @ v_t
+    return LogisticFit(w, result.x[split:], bool(result.success), int(result.nit))
 
 
 def stratified_folds(labels: np.ndarray, folds: int, rng: np.random.Generator) -> np.ndarray:
