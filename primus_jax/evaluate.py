@@ -74,9 +74,11 @@ class LinearProbeConfig:
         loss(W, b) = mean_i CE(W x_i + b, y_i) + ||W - W_0||^2 / (2 C n)
 
     (scikit-learn's ``LogisticRegression(C)`` objective, bias unpenalised) by L-BFGS
-    (``scipy.optimize.minimize``, float64) until the projected gradient's largest entry falls
-    below ``gradient_tolerance`` or the relative loss change below ``loss_tolerance``; a fit
-    that stops at ``max_iterations`` is recorded as not converged. W_0 is zero, or the text
+    (``scipy.optimize.minimize``, float64, in :func:`fit_logistic_regression`'s scaled row-space
+    coordinates) until the gradient's largest entry falls below ``gradient_tolerance``
+    (scikit-learn's default ``tol``, which it too hands to L-BFGS as ``gtol``) or the relative
+    loss change below ``loss_tolerance``; a fit that stops at ``max_iterations`` is recorded as
+    not converged. W_0 is zero, or the text
     prototypes for the text-prior start (:func:`few_shot_probe`).
 
     C: with ``inverse_regularization`` set, that fixed value; otherwise chosen per trial from
@@ -288,9 +290,11 @@ def fit_logistic_regression(feats, labels, num_classes: int, c: float, *, w_0=No
     The fit runs in the row space of X: with the thin SVD X = U S V^T (V: D x r, r = min(n, D)),
     W = W_0 + A V^T, A (C, r), so X W^T = X W_0^T + (U S) A^T and ||W - W_0||^2 = ||A||^2. The
     loss's gradient in W, (P - Y)^T X / n + (W - W_0) / (C n) with P = softmax(X W^T + b) and Y
-    one-hot, lies in that space, so L-BFGS started there takes the iterates it would take in all D
-    dimensions, at r / D of the cost per step (n << D for few shots). dL/dA = (P - Y)^T (U S) / n
-    + A / (C n), dL/db = sum_i (P - Y)_i / n.
+    one-hot, lies in that space, so the minimiser does too, and a step costs r / D of a step in
+    all D dimensions (n << D for few shots). L-BFGS runs on A' = A diag(g), g_i =
+    sqrt(s_i^2 q / n + 1 / (C n)), q = (1 / C)(1 - 1 / C): the curvature along direction i at
+    uniform predictions, so every direction starts equally curved (a diagonal preconditioner).
+    Gradients: dL/dA = (P - Y)^T (U S) / n + A / (C n), dL/db = sum_i (P - Y)_i / n.
     """
     from scipy import optimize
 
@@ -300,8 +304,7 @@ def fit_logistic_regression(feats, labels, num_classes: int, c: float, *, w_0=No
     centre = np.zeros((num_classes, dim)) if w_0 is None else np.asarray(w_0, np.float64)
     u, singular, v_t = np.linalg.svd(x, full_matrices=False)
     strength = 1.0 / (c * n)
-    # A = A' / scale: each direction's curvature at uniform predictions, s_i^2 q / n + 1 / (C n) with
-    # q = (1 / C)(1 - 1 / C), becomes about 1 in A'.
+    # A = A' / g (docstring): each direction's curvature at uniform predictions becomes about 1 in A'.
     q = (1.0 / num_classes) * (1.0 - 1.0 / num_classes)
     scale = np.sqrt(singular ** 2 * q / n + strength)
     z = u * (singular / scale)  # (n, r): X V diag(1 / scale)
@@ -550,9 +553,8 @@ def channel_statistics(windows) -> np.ndarray:
 def standardize(train_feats, test_feats) -> tuple[np.ndarray, np.ndarray]:
     """(f - mu) / sigma with mu, sigma (D,) the per-dimension mean and std of ``train_feats``.
 
-    Dimensions with sigma = 0 are only centred. Used before a probe on features whose
-    dimensions have unrelated units (see :func:`channel_statistics`): :func:`few_shot_probe`
-    L2-normalises, which would otherwise be ruled by the largest-valued dimensions.
+    Dimensions with sigma = 0 are only centred. :func:`few_shot_probe` applies it with the
+    training pool's features as ``train_feats``, so the test features never shape mu, sigma.
     """
     train_feats = np.asarray(train_feats, np.float32)
     mu = train_feats.mean(axis=0)
