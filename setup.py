@@ -38,8 +38,9 @@ setup(
         # with 4.9.10 next to tensorflow-cpu 2.21 and protobuf 6.33); apache-beam: the DirectRunner test.
         # torch: reading the reference's Lightning checkpoint in the suite test (2.13.0, the CPU build
         # the development machines hold; an unpinned torch would pull a multi-GB CUDA build).
+        # scikit-learn: the linear probe's agreement test against LogisticRegression (tested with 1.9.1).
         "test": ["pytest>=8", "pytest-xdist>=3.5", "tensorflow-cpu>=2.16", "tensorflow-datasets>=4.9.10,<5",
-                 "gcp-storage-emulator>=2026.7", "apache-beam>=2.77", "torch==2.13.0"],
+                 "gcp-storage-emulator>=2026.7", "apache-beam>=2.77", "torch==2.13.0", "scikit-learn>=1.5"],
         # data_prep --runner DirectRunner|DataflowRunner|FlinkRunner|SparkRunner (data_prep/beam_pipeline.py);
         # 2.77 installs on Python 3.11 next to tensorflow-cpu 2.21 and jax 0.10 (protobuf 6.33).
         "beam": ["apache-beam>=2.77"],
