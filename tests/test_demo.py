@@ -71,3 +71,11 @@ def test_shrunk_demo_prepares_pretrains_evaluates_with_the_suite_and_exports(tmp
     encode = primus_jax.load_encoder(os.path.join(workdir, "export"))
     features = encode(np.zeros((3, 250, 6), np.float32))
     assert features.shape == (3, 384) and np.all(np.isfinite(features))
+
+
+def test_ordering_claims_only_gaps_beyond_the_standard_errors():
+    from primus_jax import demo
+
+    column = {"B": {"mean": 0.77, "se": 0.01}, "A": {"mean": 0.80, "se": 0.01}, "C": {"mean": 0.765, "se": 0.01},
+              "floor": {"mean": 0.5, "se": None}}
+    assert demo.ordering(column) == "A > B ≈ C ≈ floor"  # 0.03 > 0.02; 0.005 < 0.02; no error: no claim
