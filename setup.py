@@ -21,6 +21,7 @@ setup(
         "absl-py>=2.0",
         "numpy>=1.26",
         "scipy>=1.11",
+        "threadpoolctl>=3.1",  # one BLAS thread for the linear probe's small fits
         "transformers>=4.57,<5",
         "crc32c>=2.3",
         "protobuf>=4.21",

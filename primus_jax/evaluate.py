@@ -38,6 +38,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+import threadpoolctl  # noqa: E402
 
 from primus_jax import precision  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -388,6 +389,9 @@ def few_shot_probe(
     the trial seed), fits :func:`fit_logistic_regression` on all its shots and scores the test set.
     Returns {k: {"shots", "mean", "se", "accuracies", "seeds", "short_classes", "c",
     "c_selection", "converged", "iterations"}}, the last four one entry per trial.
+
+    The fits run with one BLAS thread: their matrices are at most (n, n) x (n, C), and a
+    multi-threaded BLAS spends more time waking threads than multiplying them.
     """
     train_feats, train_labels = _check_labelled("train", train_feats, train_labels, protocol.num_classes)
     test_feats, test_labels = _check_labelled("test", test_feats, test_labels, protocol.num_classes)
@@ -402,8 +406,9 @@ def few_shot_probe(
 
     def fit_and_score(indices, seed):
         feats, labels = train_feats[indices], train_labels[indices]
-        c, how = choose_c(feats, labels, protocol.num_classes, np.random.default_rng(seed), w_0=w_0, config=config)
-        fit = fit_logistic_regression(feats, labels, protocol.num_classes, c, w_0=w_0, config=config)
+        with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):  # see the docstring
+            c, how = choose_c(feats, labels, protocol.num_classes, np.random.default_rng(seed), w_0=w_0, config=config)
+            fit = fit_logistic_regression(feats, labels, protocol.num_classes, c, w_0=w_0, config=config)
         accuracy = _head_accuracy({"w": fit.w, "b": fit.b}, test_feats, test_labels)
         return accuracy, {"c": c, "c_selection": how, "converged": fit.converged, "iterations": fit.iterations}
 
