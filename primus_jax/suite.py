@@ -55,7 +55,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from primus_jax import data, evaluate, models
+from primus_jax import data, evaluate, models, paths, report
 
 STATISTICS = "statistics (per-channel)"
 RANDOM = "random"
@@ -384,14 +384,6 @@ def _cell_path(out_dir: str, encoder: Encoder, dataset: Dataset) -> str:
     return os.path.join(out_dir, "cells", f"{slug(encoder.name)}--{slug(dataset.name)}.json")
 
 
-def _write_json(path: str, content) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(content, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def run_suite(encoders: Sequence[Encoder], datasets: Sequence[Dataset], out_dir: str,
               settings: SuiteSettings = SuiteSettings(), progress: bool = True) -> dict:
     """Runs (or reuses) every (encoder, dataset) cell, then writes suite.json, suite.md and suite.png.
@@ -432,7 +424,7 @@ def run_suite(encoders: Sequence[Encoder], datasets: Sequence[Dataset], out_dir:
                 cell = {"key": key, "encoder": encoder.name, "dataset": dataset.name,
                         "methods": run_cell(encoder, dataset, settings),
                         "seconds": round(time.perf_counter() - start, 2)}
-                _write_json(path, cell)
+                paths.atomic_write(path, json.dumps(cell, indent=2) + "\n")
                 cell = json.loads(json.dumps(cell))  # string shot keys, as a reused cell has them
             cell_seconds[f"{encoder.name} on {dataset.name}"] = cell["seconds"]
             methods.update(cell["methods"])
@@ -447,15 +439,10 @@ def run_suite(encoders: Sequence[Encoder], datasets: Sequence[Dataset], out_dir:
              "datasets": {d.name: ({"path": d.path, "skipped": d.skipped} if d.skipped else
                                    {"path": d.path, "split": d.split_rule}) for d in datasets},
              "results": results, "cell_seconds": cell_seconds}
-    _write_json(os.path.join(out_dir, "suite.json"), suite)
-    markdown = suite_markdown(suite)
-    tmp = os.path.join(out_dir, "suite.md.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(markdown)
-    os.replace(tmp, os.path.join(out_dir, "suite.md"))
+    paths.atomic_write(os.path.join(out_dir, "suite.json"), json.dumps(suite, indent=2) + "\n")
+    paths.atomic_write(os.path.join(out_dir, "suite.md"), suite_markdown(suite))
     if results:
-        evaluate.plot_accuracy_vs_shots(results, os.path.join(out_dir, "suite.png.tmp"))
-        os.replace(os.path.join(out_dir, "suite.png.tmp"), os.path.join(out_dir, "suite.png"))
+        paths.atomic_write(os.path.join(out_dir, "suite.png"), report.plot_accuracy_vs_shots(results))
     return suite
 
 
@@ -524,7 +511,7 @@ def suite_markdown(suite: dict) -> str:
             r = results[ds]
             lines.append(f"- {ds}: {r['num_classes']} classes, {r['train_windows']} train / {r['test_windows']} "
                          f"test windows; split {info['split']}.")
-    grid = evaluate.results_markdown(results).replace("# Evaluation results", "## Full grid", 1)
+    grid = report.results_markdown(results).replace("# Evaluation results", "## Full grid", 1)
     skipped_zero_shot = sorted({f"{m}: {e['zero_shot_skipped']}" for r in results.values()
                                 for m, e in r["methods"].items() if "zero_shot_skipped" in e})
     lines += ["", grid.replace("\n## ", "\n### ")]
