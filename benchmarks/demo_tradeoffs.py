@@ -21,7 +21,7 @@ import time
 
 from benchmarks import common
 from configs import demo as demo_config
-from primus_jax import demo, suite, train, towers
+from primus_jax import demo, suite, suite_specs, train, towers
 
 
 def main() -> None:
@@ -54,9 +54,9 @@ def main() -> None:
             shutil.rmtree(export, ignore_errors=True)
             shutil.copytree(os.path.join(run_dir, "export"), export)
             exports.append(f"PRIMUS hop {hop}, {n} steps={export}")
-    settings = suite.SuiteSettings(heads=("ssl", "mmcl"))
-    encoders = [suite.load_encoder_spec(spec) for spec in exports]
-    encoders.append(suite.load_encoder_spec(f"random init={suite.RANDOM}", encoders[0], config.seed + 1))
+    settings = suite_specs.SuiteSettings(heads=("ssl", "mmcl"))
+    encoders = [suite_specs.load_encoder_spec(spec) for spec in exports]
+    encoders.append(suite_specs.load_encoder_spec(f"random init={suite_specs.RANDOM}", encoders[0], config.seed + 1))
     start = time.perf_counter()
     suite.run_suite(encoders, demo.suite_datasets(eval_paths, settings), os.path.join(args.workdir, "suite"), settings)
     timings["suite"] = time.perf_counter() - start

@@ -22,7 +22,7 @@ import json
 import numpy as np
 
 from benchmarks import common
-from primus_jax import evaluate, suite
+from primus_jax import evaluate, suite, suite_specs
 
 
 def group_standardize(windows: np.ndarray, eps: float = 1e-5) -> np.ndarray:
@@ -38,10 +38,10 @@ def main(argv=None) -> None:
     parser.add_argument("--dataset", action="append", required=True, metavar="[NAME=]DIR[@SPLIT,...]")
     common.add_record_argument(parser)
     args = parser.parse_args(argv)
-    settings = suite.SuiteSettings()
+    settings = suite_specs.SuiteSettings()
     means = {}
     for spec in args.dataset:
-        dataset = suite.load_dataset_spec(spec, settings)
+        dataset = suite_specs.load_dataset_spec(spec, settings)
         (train_x, train_y), (test_x, test_y) = dataset.train, dataset.test
         shots = suite.feasible_shots(settings, train_y, len(dataset.classes))
         protocol = evaluate.FewShotProtocol(shots=shots, num_classes=len(dataset.classes), trials=settings.trials)

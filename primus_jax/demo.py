@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 
 from configs import ablations
-from primus_jax import data, multitask, suite, train
+from primus_jax import data, multitask, suite, suite_specs, train
 
 log = logging.getLogger(__name__)
 
@@ -140,18 +140,18 @@ def suite_encoders(config: ml_collections.ConfigDict, workdir: str) -> list:
     steps = comparison_steps(config)
     encoders = []
     for seed in demo_seeds(config):
-        pretrained = [suite.load_encoder_spec(f"{METHOD_LABELS.get(m, m)} s{seed}="
+        pretrained = [suite_specs.load_encoder_spec(f"{METHOD_LABELS.get(m, m)} s{seed}="
                                               f"{comparison_export(workdir, m, seed, steps)}")
                       for m in config.demo.methods]
         like = pretrained[0] if pretrained else None
-        encoders += pretrained + [suite.load_encoder_spec(f"{RANDOM_INIT} s{seed}={suite.RANDOM}", like, seed)]
+        encoders += pretrained + [suite_specs.load_encoder_spec(f"{RANDOM_INIT} s{seed}={suite_specs.RANDOM}", like, seed)]
     return encoders
 
 
-def suite_datasets(paths: dict[str, str], settings: suite.SuiteSettings) -> list:
+def suite_datasets(paths: dict[str, str], settings: suite_specs.SuiteSettings) -> list:
     """The watch windows of the held-out subjects (the last third, subject 10, tested) and BasicMotions."""
-    return [suite.load_dataset_spec(f"{INDOMAIN}={paths['watch']}@heldout", settings),
-            suite.load_dataset_spec(f"{OUT_OF_DOMAIN}={paths['basicmotions']}", settings)]
+    return [suite_specs.load_dataset_spec(f"{INDOMAIN}={paths['watch']}@heldout", settings),
+            suite_specs.load_dataset_spec(f"{OUT_OF_DOMAIN}={paths['basicmotions']}", settings)]
 
 
 def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -165,9 +165,9 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise train.ConfigError(f"demo.seeds must be >= 1 and demo.comparison_steps in [0, train.num_steps="
                                 f"{config.train.num_steps}], got {config.demo.seeds} and {config.demo.comparison_steps}")
     try:
-        settings = suite.SuiteSettings(shots=tuple(config.demo.shots), trials=config.demo.trials, seed=config.demo.seed,
+        settings = suite_specs.SuiteSettings(shots=tuple(config.demo.shots), trials=config.demo.trials, seed=config.demo.seed,
                                        heads=tuple(config.demo.features), table_shots=config.demo.table_shots)
-    except suite.SuiteError as error:
+    except suite_specs.SuiteError as error:
         raise train.ConfigError(f"demo settings: {error}") from None
     start = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)

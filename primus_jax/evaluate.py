@@ -1,4 +1,4 @@
-"""Downstream evaluation of IMU encoders: few-shot probes, zero-shot, retrieval, reports.
+"""Downstream evaluation of IMU encoders: few-shot probes, zero-shot, retrieval (reports: primus_jax.report).
 
 Features are the encoder's ``mmcl`` head output (the reference's downstream feature). All
 accuracies are top-1, micro-averaged over the *whole* test set (the reference's
@@ -23,25 +23,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-import os
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import matplotlib
-import matplotlib.ticker
+import numpy as np
+import optax
+import threadpoolctl
+from tqdm import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-import threadpoolctl  # noqa: E402
-
-from primus_jax import precision  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+from primus_jax import precision
 
 _EPS = 1e-12
 
@@ -120,7 +113,7 @@ class LinearProbeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FineTuneConfig:
-    """End-to-end training of encoder + linear head (reference §6 defaults).
+    """End-to-end training of encoder + linear head (the reference's defaults, docs/design.md §6).
 
     AdamW(lr, weight_decay) with linear warm-up over ``warmup_steps`` then cosine decay to 0
     at ``steps``; minibatches of ``batch_size`` windows cycle through shuffled epochs of the
@@ -612,144 +605,3 @@ def retrieval_recall(
     best_positive = np.where(positive, sims, -np.inf).max(axis=1)
     ranks = (sims > best_positive[:, None]).sum(axis=1)
     return {f"R@{k}": float(np.mean(ranks < k)) for k in ks}
-
-
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Calls write(tmp_path) and renames the result onto ``path``, so no half file remains."""
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def _format_cell(stats: Mapping[str, Any] | None) -> str:
-    """"mean ± se" of a shot count's stats; "n/a" for a shot count that was not run."""
-    if stats is None:
-        return "n/a"
-    if stats.get("se") is None:
-        return f"{stats['mean']:.3f}"
-    return f"{stats['mean']:.3f} ± {stats['se']:.3f}"
-
-
-def _format_probe(stats: Mapping[str, Any] | None) -> str:
-    """"C" (median chosen C over trials), with the count of fits that did not converge; "n/a" when not run."""
-    if stats is None or "c" not in stats:
-        return "n/a"
-    failed = len(stats["converged"]) - sum(stats["converged"])
-    return f"{float(np.median(stats['c'])):g}" + (f" (not converged: {failed})" if failed else "")
-
-
-def _shot_table(methods: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[int, Mapping[str, Any]]]:
-    """{method: {k: stats}} with integer k (JSON turns the keys into strings)."""
-    return {name: {int(k): v for k, v in m.get("few_shot", {}).items()} for name, m in methods.items()}
-
-
-def results_markdown(results: Mapping[str, Mapping[str, Any]]) -> str:
-    """Markdown tables of ``results`` (see :func:`write_report`): rows methods, columns shots.
-
-    The columns are the shot counts found in the results plus an evaluation set's optional
-    "shots" list, so a shot count no method could run shows as "n/a".
-    """
-    lines = ["# Evaluation results", ""]
-    for set_name, eval_set in results.items():
-        methods = eval_set["methods"]
-        few_shot = _shot_table(methods)
-        shots = sorted({k for table in few_shot.values() for k in table} | set(eval_set.get("shots", ())))
-        has_zero_shot = any("zero_shot" in m for m in methods.values())
-        header = ["method"] + [f"{k}-shot" for k in shots] + (["zero-shot"] if has_zero_shot else [])
-        lines += [f"## {set_name}", "", f"{eval_set['num_classes']} classes, chance {1 / eval_set['num_classes']:.3f}; top-1 accuracy, mean ± standard error over trials.", ""]
-        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for name, method in methods.items():
-            cells = [name] + [_format_cell(few_shot[name].get(k)) for k in shots]
-            if has_zero_shot:
-                cells.append(f"{method['zero_shot']:.3f}" if "zero_shot" in method else "—")
-            lines.append("| " + " | ".join(cells) + " |")
-        probed = {name: table for name, table in few_shot.items() if any("c" in s for s in table.values())}
-        if probed:
-            lines += ["", "Probe C per shot count (median over trials; \"not converged: n\" counts fits that hit the "
-                      "iteration limit):", "", "| method | " + " | ".join(f"{k}-shot" for k in shots) + " |",
-                      "|" + "---|" * (len(shots) + 1)]
-            for name, table in probed.items():
-                lines.append(f"| {name} | " + " | ".join(_format_probe(table.get(k)) for k in shots) + " |")
-        retrieval = {name: m["retrieval"] for name, m in methods.items() if "retrieval" in m}
-        if retrieval:
-            columns = list(next(iter(retrieval.values())))
-            lines += ["", "IMU→text retrieval:", "", "| method | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
-            for name, recalls in retrieval.items():
-                lines.append(f"| {name} | " + " | ".join(f"{recalls[c]:.3f}" for c in columns) + " |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def plot_accuracy_vs_shots(results: Mapping[str, Mapping[str, Any]], path: str) -> None:
-    """Saves one subplot per evaluation set: accuracy vs shots (log x), error bars = se, chance line.
-
-    Every method keeps one colour (tab10, or tab20 beyond ten methods) in every panel, and one
-    legend below the panels names them.
-    """
-    names = list(dict.fromkeys(name for eval_set in results.values() for name in eval_set["methods"]))
-    palette = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
-    colour = {name: palette(i % palette.N) for i, name in enumerate(names)}
-    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.2), squeeze=False)
-    for ax, (set_name, eval_set) in zip(axes[0], results.items()):
-        all_shots = set()
-        for name, table in _shot_table(eval_set["methods"]).items():
-            if not table:
-                continue
-            shots = sorted(table)
-            all_shots.update(shots)
-            means = [table[k]["mean"] for k in shots]
-            errors = [table[k]["se"] or 0.0 for k in shots]
-            ax.errorbar(shots, means, yerr=errors, marker="o", capsize=3, label=name, color=colour[name])
-        ax.axhline(1 / eval_set["num_classes"], color="grey", linestyle="--", label="chance")
-        ax.set_xscale("log")
-        ax.set_xticks(sorted(all_shots), [str(k) for k in sorted(all_shots)])
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_xlabel("labelled windows per class (shots)")
-        ax.set_ylabel("test accuracy (top-1)")
-        ax.set_ylim(0, 1)
-        ax.set_title(set_name)
-        ax.grid(True, which="both", alpha=0.3)
-    handles, labels = {}, []
-    for ax in axes[0]:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            if label not in handles:
-                handles[label] = handle
-                labels.append(label)
-    columns = min(len(labels), 4)
-    rows = -(-len(labels) // columns)
-    fig.set_figheight(4.2 + 0.25 * rows)
-    fig.legend([handles[label] for label in labels], labels, loc="lower center", ncol=columns, fontsize="small")
-    fig.tight_layout(rect=(0, 0.25 * rows / fig.get_figheight() + 0.02, 1, 1))
-    fig.savefig(path, dpi=120, format="png")
-    plt.close(fig)
-
-
-def write_report(results: Mapping[str, Mapping[str, Any]], workdir: str) -> dict[str, str]:
-    """Writes results.json, results.md and accuracy_vs_shots.png into ``workdir``.
-
-    ``results`` maps an evaluation-set name (e.g. "in-domain (held-out subjects)") to
-    {"num_classes": C, "methods": {method: {"few_shot": <few_shot_probe output>,
-    "zero_shot": accuracy (optional), "retrieval": <retrieval_recall output> (optional)}}}.
-    Each file is written to a temporary name and renamed. Returns {"json", "markdown", "plot"} paths.
-    """
-    for set_name, eval_set in results.items():
-        if "num_classes" not in eval_set or "methods" not in eval_set:
-            raise ValueError(f"results[{set_name!r}] needs the keys 'num_classes' and 'methods'.")
-    os.makedirs(workdir, exist_ok=True)
-    paths = {
-        "json": os.path.join(workdir, "results.json"),
-        "markdown": os.path.join(workdir, "results.md"),
-        "plot": os.path.join(workdir, "accuracy_vs_shots.png"),
-    }
-
-    def write_text(text):
-        def write(tmp):
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(text)
-
-        return write
-
-    _atomic_write(paths["json"], write_text(json.dumps(results, indent=2) + "\n"))
-    _atomic_write(paths["markdown"], write_text(results_markdown(results)))
-    _atomic_write(paths["plot"], functools.partial(plot_accuracy_vs_shots, results))
-    return paths

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from primus_jax import evaluate
+from primus_jax import evaluate, report
 from primus_jax.models import IMUEncoder
 from tests.numerics import assert_close_to_scale
 
@@ -195,8 +195,6 @@ def test_bad_input_is_named():
         evaluate.FewShotProtocol((0, 5), 4)
     with pytest.raises(ValueError, match="paired mode"):
         evaluate.retrieval_recall(feats, feats[:3])
-    with pytest.raises(ValueError, match="'num_classes' and 'methods'"):
-        evaluate.write_report({"set": {"methods": {}}}, "unused")
 
 
 TIME_STEPS = 128
@@ -241,7 +239,7 @@ def test_fine_tune_learns_frequency_classes_beyond_chance(tiny_params):
     assert len(result[8]["seeds"]) == 2 and result[8]["se"] is not None
 
 
-def test_write_report_writes_table_json_and_png(tmp_path, separable_probe):
+def test_results_markdown_and_plot(separable_probe):
     stats = {1: {"shots": 1, "mean": 0.8123, "se": 0.0134, "accuracies": [0.8, 0.82], "seeds": [1, 2], "short_classes": {}}}
     results = {
         "in-domain (held-out subjects)": {
@@ -253,15 +251,12 @@ def test_write_report_writes_table_json_and_png(tmp_path, separable_probe):
         },
         "out-of-domain (BasicMotions)": {"num_classes": 4, "methods": {"PRIMUS": {"few_shot": stats}}},
     }
-    paths = evaluate.write_report(results, str(tmp_path / "report"))
-    loaded = json.loads(open(paths["json"]).read())
-    assert loaded["in-domain (held-out subjects)"]["methods"]["SimCLR"]["few_shot"]["1"]["mean"] == 0.8123
-    markdown = open(paths["markdown"]).read()
+    markdown = report.results_markdown(results)
     assert "## out-of-domain (BasicMotions)" in markdown
     assert "| SimCLR | 0.812 ± 0.013 | n/a | — |" in markdown  # shot count not run: n/a
     primus = separable_probe[5]
     assert f"| PRIMUS | {separable_probe[1]['mean']:.3f} ± {separable_probe[1]['se']:.3f} | {primus['mean']:.3f} ± {primus['se']:.3f} | 0.410 |" in markdown
     assert "| PRIMUS | 0.250 | 0.500 |" in markdown
-    png = open(paths["plot"], "rb").read()
+    assert report.results_markdown(json.loads(json.dumps(results))) == markdown  # string shot keys, as in suite.json
+    png = report.plot_accuracy_vs_shots(results)
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
-    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["accuracy_vs_shots.png", "results.json", "results.md"]

@@ -8,11 +8,11 @@ import jax
 import numpy as np
 import pytest
 
-from primus_jax import checkpoint, data, models, suite
+from primus_jax import checkpoint, data, models, suite, suite_specs
 
 T, RATE, DIM = 128, 50.0, 16
 TINY_MODEL = {"hidden_dim": 32, "conv_channels": 8, "ssl_dim": DIM, "mm_dim": DIM}
-SETTINGS = suite.SuiteSettings(shots=(1, 2, 5), trials=2, table_shots=2)
+SETTINGS = suite_specs.SuiteSettings(shots=(1, 2, 5), trials=2, table_shots=2)
 TOWER = {"name": "tiny", "dim": DIM, "source": "test"}
 
 
@@ -62,7 +62,7 @@ def test_suite_cli_writes_tables_resumes_and_skips_unlabelled(tmp_path, capsys):
     w = result["results"]["watch"]
     assert w["split"].startswith("subject-disjoint: test = subjects ['s3']") and w["test_windows"] == 10
     text_prior = f"tiny (mmcl, {suite.TEXT_PRIOR})"  # the tiny export learnt the dataset's text space
-    assert set(w["methods"]) == {"tiny", text_prior, "random init", suite.STATISTICS}
+    assert set(w["methods"]) == {"tiny", text_prior, "random init", suite_specs.STATISTICS}
     assert set(w["methods"][text_prior]["few_shot"]) == {"1", "2"}
     for stats in w["methods"]["tiny"]["few_shot"].values():  # each trial's C and convergence are kept
         assert len(stats["c"]) == len(stats["converged"]) == 2 and all(c > 0 for c in stats["c"])
@@ -76,7 +76,7 @@ def test_suite_cli_writes_tables_resumes_and_skips_unlabelled(tmp_path, capsys):
     assert m["split"] == "the dataset's given train / test splits" and m["test_windows"] == 9
     assert set(m["methods"]["tiny"]["few_shot"]) == {"1", "2"}  # 3 training windows per class
     # The statistics floor separates these classes (gravity axis, frequency) from 2 shots on.
-    assert m["methods"][suite.STATISTICS]["few_shot"]["2"]["mean"] >= 0.9
+    assert m["methods"][suite_specs.STATISTICS]["few_shot"]["2"]["mean"] >= 0.9
     md = open(os.path.join(out, "suite.md")).read()
     assert "## 2-shot accuracy" in md and "| **mean rank** |" in md
     for item in ("- **Probe** on frozen features: multinomial logistic regression", "C chosen per trial by stratified",
@@ -113,11 +113,11 @@ def test_suite_refuses_an_encoder_whose_window_length_cannot_be_met(tmp_path, ca
 
 def test_recording_disjoint_split_without_subjects(tmp_path):
     path = write_labelled(tmp_path / "d", subjects=("", "", ""), per_class=(3, 3, 3), splits=("all",))
-    dataset = suite.load_dataset_spec(f"d={path}@all", SETTINGS)
+    dataset = suite_specs.load_dataset_spec(f"d={path}@all", SETTINGS)
     assert dataset.split_rule.startswith("recording-disjoint")
     assert not dataset.skipped and dataset.train[1].size + dataset.test[1].size == 27
-    with pytest.raises(suite.SuiteError, match="no split"):
-        suite.load_dataset_spec(f"{path}@val", SETTINGS)
+    with pytest.raises(suite_specs.SuiteError, match="no split"):
+        suite_specs.load_dataset_spec(f"{path}@val", SETTINGS)
 
 
 def test_mean_ranks_share_ties():
@@ -134,10 +134,10 @@ def test_reference_checkpoint_is_scored_on_resampled_windows_without_zero_shot(t
     state = {f"imu_encoder.{k}": torch.from_numpy(v) for k, v in random_state_dict(seed=3).items()}
     torch.save({"state_dict": state, "hyper_parameters": {"lr": 2e-4}}, checkpoint)
     path = write_labelled(tmp_path / "d", per_class=(2, 2, 2), rate=25.0, length=125)  # 5 s at 25 Hz
-    encoder = suite.load_encoder_spec(f"released={checkpoint}")
-    dataset = suite.load_dataset_spec(path, SETTINGS)
-    assert suite.fit_windows(encoder, dataset, dataset.test[0]).shape == (6, 250, 6)
-    settings = suite.SuiteSettings(shots=(1,), trials=1, table_shots=1)
+    encoder = suite_specs.load_encoder_spec(f"released={checkpoint}")
+    dataset = suite_specs.load_dataset_spec(path, SETTINGS)
+    assert suite_specs.fit_windows(encoder, dataset, dataset.test[0]).shape == (6, 250, 6)
+    settings = suite_specs.SuiteSettings(shots=(1,), trials=1, table_shots=1)
     result = suite.run_suite([encoder], [dataset], str(tmp_path / "out"), settings, progress=False)
     entry = result["results"]["d"]["methods"]["released"]
     assert 0.0 <= entry["few_shot"]["1"]["mean"] <= 1.0
