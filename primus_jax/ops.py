@@ -1,4 +1,6 @@
-"""The encoder's custom-VJP kernels: max-pool, input GroupNorm affine + conv1, the GRU recurrence.
+"""The encoder's array kernels: the dilated convolutions (XLA or im2col matmul) and three with a
+custom VJP, the floor-mode max-pool, the input GroupNorm's affine step fused with conv1, and the
+GRU recurrence.
 
 Pure functions of arrays on channels-last (B, L, C) or time-major (S, B, D) inputs; the Flax
 modules of `primus_jax.models` own the parameters and call these. Each kernel's docstring gives
