@@ -9,6 +9,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["primus_jax", "primus_jax.*", "configs", "data_prep", "benchmarks"]),
+    package_data={"data_prep": ["mocap_templates.txt"]},  # the narration templates of data_prep.mocap
     install_requires=[
         "jax>=0.10.2,<0.12",
         "jaxlib>=0.10.2,<0.12",
@@ -21,6 +22,7 @@ setup(
         "absl-py>=2.0",
         "numpy>=1.26",
         "scipy>=1.11",
+        "threadpoolctl>=3.1",  # one BLAS thread for the linear probe's small fits
         "transformers>=4.57,<5",
         "crc32c>=2.3",
         "protobuf>=4.21",
@@ -44,9 +46,11 @@ setup(
         # contradicts apache-beam's pillow>=12.1.1; reading VRS needs only numpy.
         # jax[tpu]: libtpu, with which tests/test_compile.py compiles the steps for TPU topologies on the
         # CPU (tests/conftest.py sets JAX_PLATFORMS=cpu, so no test starts a TPU runtime).
+        # scikit-learn: the linear probe's agreement test against LogisticRegression (tested with 1.9.1).
         "test": ["pytest>=8", "pytest-xdist>=3.5", "tensorflow-cpu>=2.16", "tensorflow-datasets>=4.9.10,<5",
                  "gcp-storage-emulator>=2026.7", "apache-beam>=2.77", "torch==2.13.0",
-                 "onnx>=1.17", "onnxruntime>=1.20", "jax[tpu]>=0.10.2,<0.12"],
+                 "onnx>=1.17", "onnxruntime>=1.20", "jax[tpu]>=0.10.2,<0.12",
+                 "scikit-learn>=1.5"],
         # data_prep --runner DirectRunner|DataflowRunner|FlinkRunner|SparkRunner (data_prep/beam_pipeline.py);
         # 2.77 installs on Python 3.11 next to tensorflow-cpu 2.21 and jax 0.10 (protobuf 6.33).
         "beam": ["apache-beam>=2.77"],

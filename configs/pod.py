@@ -31,7 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim.clip_norm = 1.0
 
     config.evals.fewshot = dict(type="fewshot", every=2000, data_dir=DOWNSTREAM, train_split="train",
-                                test_split="test", shots=(1, 5, 10), trials=3, probe_steps=500)
+                                test_split="test", shots=(1, 5, 10), trials=3)
     config.evals.zeroshot = dict(type="zeroshot", every=2000, data_dir=DOWNSTREAM, split="test",
                                  text_tower="clip:/models/clip4clip-webvid150k")
     config.evals.retrieval = dict(type="retrieval", every=2000, data_dir=DOWNSTREAM, split="test", ks=(1, 5))

@@ -344,33 +344,45 @@ class HarJob:
         if problem:
             report.drop(*problem)
             return recording.split, [], report
-        imu = common.resample(recording.imu, recording.rate_hz, rate_hz).astype(np.float32)
-        starts = common.window_starts(len(imu), T, self.hop)
-        if len(starts) == 0:
-            report.drop("shorter than window", f"{recording.recording_id}: {len(imu)} samples at {rate_hz} Hz < T={T}")
-            return recording.split, [], report
-        windows = [
-            Window(
-                imu=imu[start : start + T],
-                rate_hz=rate_hz,
-                text=self.prompts[self.source.class_names[recording.label]][0],
-                text_emb=None if self.class_embeddings is None else self.class_embeddings[recording.label],
-                label=recording.label,
-                source=self.source.name,
-                recording_id=recording.recording_id,
-                subject=recording.subject,
-                start_s=start / rate_hz,
-                end_s=(start + T) / rate_hz,
-            )
-            for start in starts
-        ]
-        report.keep(recording.split, len(windows))
+        label = recording.label
+        windows = cut_windows(
+            recording, T=T, rate_hz=rate_hz, hop=self.hop, text=self.prompts[self.source.class_names[label]][0],
+            text_emb=None if self.class_embeddings is None else self.class_embeddings[label],
+            source=self.source.name, report=report,
+        )
         return recording.split, windows, report
 
     def failed(self, item, error: Exception) -> common.Report:
         report = common.Report(self.source.name)
         report.drop("failed recording", f"{item.recording_id}: {type(error).__name__}: {error}")
         return report
+
+
+def cut_windows(
+    recording: Recording, *, T: int, rate_hz: float, hop: int, text: str, text_emb: np.ndarray | None, source: str,
+    report: common.Report,
+) -> list[Window]:
+    """A checked recording resampled to rate_hz and cut into windows of T samples every hop.
+
+    Every window carries the recording's label and the narration (text, text_emb). The kept
+    windows are counted in `report` under the recording's split; a recording shorter than one
+    window is dropped there with the reason "shorter than window".
+    """
+    imu = common.resample(recording.imu, recording.rate_hz, rate_hz).astype(np.float32)
+    starts = common.window_starts(len(imu), T, hop)
+    if len(starts) == 0:
+        report.drop("shorter than window", f"{recording.recording_id}: {len(imu)} samples at {rate_hz} Hz < T={T}")
+        return []
+    windows = [
+        Window(
+            imu=imu[start : start + T], rate_hz=rate_hz, text=text, text_emb=text_emb, label=recording.label,
+            source=source, recording_id=recording.recording_id, subject=recording.subject,
+            start_s=start / rate_hz, end_s=(start + T) / rate_hz,
+        )
+        for start in starts
+    ]
+    report.keep(recording.split, len(windows))
+    return windows
 
 
 def write_har_dataset(

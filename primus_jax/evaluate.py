@@ -38,6 +38,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+import threadpoolctl  # noqa: E402
 
 from primus_jax import precision  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -67,22 +68,54 @@ class FewShotProtocol:
 
 @dataclasses.dataclass(frozen=True)
 class LinearProbeConfig:
-    """L2-regularised multinomial logistic regression on frozen, L2-normalised features.
+    """Multinomial logistic regression on frozen, standardised features, fitted to convergence.
 
-    Full-batch Adam(learning_rate) for ``steps`` steps from W_0 on, over the n shots,
+    On the n shots x_i (D,) with labels y_i, the head W (C, D), b (C,) minimises
 
-        loss(W, b) = mean_i CE(W x_i + b, y_i) + ||W - W_0||^2 / (2 C n),
+        loss(W, b) = mean_i CE(W x_i + b, y_i) + ||W - W_0||^2 / (2 C n)
 
-    C = ``inverse_regularization`` (scikit-learn's LogisticRegression(C) scaling: the pull
-    weakens as shots grow). W_0 is zero or the text prototypes, so with class text the
-    penalty pulls toward the zero-shot classifier. Without it, few shots in many dimensions
-    are separable and the unregularised fit drifts onto noise directions (on 4 Gaussian
-    classes in 16-d at 5 shots: 0.85 test accuracy unregularised, 0.98 with C = 1).
+    (scikit-learn's ``LogisticRegression(C)`` objective, bias unpenalised) by L-BFGS
+    (``scipy.optimize.minimize``, float64, in :func:`fit_logistic_regression`'s scaled row-space
+    coordinates) until the gradient's largest entry falls below ``gradient_tolerance``
+    (scikit-learn's default ``tol``, which it too hands to L-BFGS as ``gtol``) or the relative
+    loss change below ``loss_tolerance``; a fit that stops at ``max_iterations`` is recorded as
+    not converged. W_0 is zero, or the text
+    prototypes for the text-prior start (:func:`few_shot_probe`).
+
+    C: with ``inverse_regularization`` set, that fixed value; otherwise chosen per trial from
+    ``c_grid`` by stratified ``cv_folds``-fold cross-validation on the shots (folds =
+    min(cv_folds, shots per class); the highest mean held-out accuracy, ties to the smallest C, as
+    scikit-learn's ``LogisticRegressionCV``). At 1 shot per class no shot can be held out, and C = ``single_shot_c``.
     """
 
-    steps: int = 500
-    learning_rate: float = 1e-2
-    inverse_regularization: float = 1.0
+    c_grid: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 1e1, 1e2, 1e3)
+    cv_folds: int = 3
+    inverse_regularization: float | None = None
+    single_shot_c: float = 1.0
+    gradient_tolerance: float = 1e-4
+    loss_tolerance: float = 1e-12
+    max_iterations: int = 1000
+
+    def __post_init__(self):
+        grid = (self.inverse_regularization,) if self.inverse_regularization is not None else self.c_grid
+        if not grid or min(grid) <= 0 or self.single_shot_c <= 0:
+            raise ValueError(f"LinearProbeConfig: every C must be positive, got grid {self.c_grid}, "
+                             f"inverse_regularization {self.inverse_regularization}, single_shot_c {self.single_shot_c}.")
+        if self.cv_folds < 2 or self.max_iterations < 1:
+            raise ValueError(f"LinearProbeConfig needs cv_folds >= 2 and max_iterations >= 1, got {self.cv_folds} "
+                             f"and {self.max_iterations}.")
+        object.__setattr__(self, "c_grid", tuple(float(c) for c in self.c_grid))
+
+    def describe(self) -> str:
+        """One sentence naming the probe and its C selection, for reports."""
+        if self.inverse_regularization is not None:
+            c_rule = f"C = {self.inverse_regularization:g} fixed"
+        else:
+            c_rule = (f"C chosen per trial by stratified {self.cv_folds}-fold cross-validation on the shots "
+                      f"(folds = min({self.cv_folds}, shots per class)) over C in "
+                      f"{{{', '.join(f'{c:g}' for c in self.c_grid)}}}; C = {self.single_shot_c:g} at 1 shot")
+        return (f"multinomial logistic regression (L2 penalty ||W||^2 / 2C, bias free) fitted by L-BFGS to "
+                f"gradient tolerance {self.gradient_tolerance:g} (at most {self.max_iterations} iterations); {c_rule}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,20 +199,25 @@ def _padded_size(labels: np.ndarray, protocol: FewShotProtocol) -> int:
 def _run_trials(
     protocol: FewShotProtocol,
     train_labels: np.ndarray,
-    fit_and_score: Callable[[np.ndarray, int], float],
+    fit_and_score: Callable[[np.ndarray, int], float | tuple[float, dict[str, Any]]],
     desc: str,
     progress: bool,
 ) -> dict[int, dict[str, Any]]:
-    """Runs ``protocol`` (module docstring); ``fit_and_score(shot indices, trial seed) -> accuracy``."""
+    """Runs ``protocol`` (module docstring); ``fit_and_score(shot indices, trial seed)`` returns the
+    accuracy, or (accuracy, {field: value}) whose fields are listed per trial in the stats."""
     trials = protocol.trials
     results = {}
     bar = tqdm(total=len(protocol.shots) * trials, desc=desc, disable=not progress, leave=False)
     for k in protocol.shots:
-        accuracies, seeds, short = [], [], {}
+        accuracies, seeds, short, fields = [], [], {}, {}
         for t in range(trials):
             s = trial_seed(protocol.seed, k, t)
             indices, short = sample_shots(train_labels, k, protocol.num_classes, np.random.default_rng(s))
-            accuracies.append(float(fit_and_score(indices, s)))
+            outcome = fit_and_score(indices, s)
+            accuracy, extra = outcome if isinstance(outcome, tuple) else (outcome, {})
+            accuracies.append(float(accuracy))
+            for name, value in extra.items():
+                fields.setdefault(name, []).append(value)
             seeds.append(s)
             bar.update()
         acc = np.asarray(accuracies)
@@ -190,6 +228,7 @@ def _run_trials(
             "accuracies": accuracies,
             "seeds": seeds,
             "short_classes": short,
+            **fields,
         }
     bar.close()
     return results
@@ -211,26 +250,6 @@ def _masked_cross_entropy(logits, labels, mask):
     return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-@functools.partial(jax.jit, static_argnames="config")
-def _fit_linear_head(feats, labels, mask, head, config: LinearProbeConfig):
-    """Minimises LinearProbeConfig's loss from ``head``; feats (N, D), labels (N,), mask (N,), W (C, D)."""
-    optimizer = optax.adam(config.learning_rate)
-    penalty = 1.0 / (2.0 * config.inverse_regularization * jnp.sum(mask))
-    w_0 = head["w"]
-
-    def loss_fn(h):
-        return _masked_cross_entropy(feats @ h["w"].T + h["b"], labels, mask) + penalty * jnp.sum((h["w"] - w_0) ** 2)
-
-    def step(carry, _):
-        h, opt_state = carry
-        grads = jax.grad(loss_fn)(h)
-        updates, opt_state = optimizer.update(grads, opt_state, h)
-        return (optax.apply_updates(h, updates), opt_state), None
-
-    (head, _), _ = jax.lax.scan(step, (head, optimizer.init(head)), None, length=config.steps)
-    return head
-
-
 def _initial_head(num_classes: int, dim: int, class_text_embs) -> dict[str, np.ndarray]:
     """W = class_prototypes(class_text_embs) (a zero-shot classifier) or zeros; b = 0."""
     if class_text_embs is None:
@@ -248,6 +267,106 @@ def _head_accuracy(head, feats: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.argmax(logits, axis=1) == labels))
 
 
+@dataclasses.dataclass(frozen=True)
+class LogisticFit:
+    """A fitted head W (C, D), b (C,) float64, whether L-BFGS converged, and its iterations."""
+
+    w: np.ndarray
+    b: np.ndarray
+    converged: bool
+    iterations: int
+
+    def logits(self, feats) -> np.ndarray:
+        """(N, C) logits W x + b of features (N, D)."""
+        return np.asarray(feats, np.float64) @ self.w.T + self.b
+
+
+def fit_logistic_regression(feats, labels, num_classes: int, c: float, *, w_0=None, start: LogisticFit | None = None,
+                            config: LinearProbeConfig = LinearProbeConfig()) -> LogisticFit:
+    """Minimises :class:`LinearProbeConfig`'s loss at inverse regularisation ``c`` by L-BFGS.
+
+    feats X (n, D), labels (n,) in [0, num_classes); ``w_0`` (C, D) the penalty's centre (zeros when
+    None); ``start`` a previous fit to warm-start from (e.g. the neighbouring C of a grid).
+
+    The fit runs in the row space of X: with the thin SVD X = U S V^T (V: D x r, r = min(n, D)),
+    W = W_0 + A V^T, A (C, r), so X W^T = X W_0^T + (U S) A^T and ||W - W_0||^2 = ||A||^2. The
+    loss's gradient in W, (P - Y)^T X / n + (W - W_0) / (C n) with P = softmax(X W^T + b) and Y
+    one-hot, lies in that space, so the minimiser does too, and a step costs r / D of a step in
+    all D dimensions (n << D for few shots). L-BFGS runs on A' = A diag(g), g_i =
+    sqrt(s_i^2 q / n + 1 / (C n)), q = (1 / C)(1 - 1 / C): the curvature along direction i at
+    uniform predictions, so every direction starts equally curved (a diagonal preconditioner).
+    Gradients: dL/dA = (P - Y)^T (U S) / n + A / (C n), dL/db = sum_i (P - Y)_i / n.
+    """
+    from scipy import optimize
+
+    x = np.asarray(feats, np.float64)
+    n, dim = x.shape
+    y = np.eye(num_classes)[np.asarray(labels)]
+    centre = np.zeros((num_classes, dim)) if w_0 is None else np.asarray(w_0, np.float64)
+    u, singular, v_t = np.linalg.svd(x, full_matrices=False)
+    strength = 1.0 / (c * n)
+    # A = A' / g (docstring): each direction's curvature at uniform predictions becomes about 1 in A'.
+    q = (1.0 / num_classes) * (1.0 - 1.0 / num_classes)
+    scale = np.sqrt(singular ** 2 * q / n + strength)
+    z = u * (singular / scale)  # (n, r): X V diag(1 / scale)
+    offset = x @ centre.T  # (n, C)
+    split = num_classes * z.shape[1]
+
+    def loss_and_grad(theta):
+        a, b = theta[:split].reshape(num_classes, -1), theta[split:]
+        logits = offset + z @ a.T + b
+        logits -= logits.max(axis=1, keepdims=True)
+        log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        residual = (np.exp(log_p) - y) / n
+        penalised = a / scale ** 2
+        loss = -np.sum(y * log_p) / n + 0.5 * strength * np.sum(a * penalised)
+        return loss, np.concatenate([(residual.T @ z + strength * penalised).ravel(), residual.sum(axis=0)])
+
+    a_0 = np.zeros((num_classes, z.shape[1])) if start is None else (start.w - centre) @ v_t.T * scale
+    b_0 = np.zeros(num_classes) if start is None else start.b
+    result = optimize.minimize(loss_and_grad, np.concatenate([a_0.ravel(), b_0]), jac=True, method="L-BFGS-B",
+                               options={"maxiter": config.max_iterations, "gtol": config.gradient_tolerance,
+                                        "ftol": config.loss_tolerance})
+    w = centre + (result.x[:split].reshape(num_classes, -1) / scale) @ v_t
+    return LogisticFit(w, result.x[split:], bool(result.success), int(result.nit))
+
+
+def stratified_folds(labels: np.ndarray, folds: int, rng: np.random.Generator) -> np.ndarray:
+    """(n,) fold index in [0, folds): each class's members shuffled by ``rng`` and dealt round-robin,
+    so a class with m >= folds members has m // folds or m // folds + 1 in every fold."""
+    fold = np.empty(labels.shape, np.int64)
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        fold[members] = np.arange(members.size) % folds
+    return fold
+
+
+def choose_c(feats, labels, num_classes: int, rng: np.random.Generator, *, w_0=None,
+             config: LinearProbeConfig = LinearProbeConfig()) -> tuple[float, str]:
+    """(C, how it was chosen) for shots feats (n, D), labels (n,): :class:`LinearProbeConfig`'s rule.
+
+    Each fold fits the grid in increasing C, each fit warm-started from the previous one.
+    """
+    if config.inverse_regularization is not None:
+        return config.inverse_regularization, "fixed"
+    per_class = int(np.bincount(labels, minlength=num_classes)[np.unique(labels)].min())
+    folds = min(config.cv_folds, per_class)
+    if folds < 2:
+        return config.single_shot_c, "fixed (1 shot per class: none to hold out)"
+    fold = stratified_folds(labels, folds, rng)
+    grid = sorted(config.c_grid)
+    accuracy = np.zeros(len(grid))
+    for f in range(folds):
+        train, held = fold != f, fold == f
+        fit = None
+        for i, c in enumerate(grid):
+            fit = fit_logistic_regression(feats[train], labels[train], num_classes, c, w_0=w_0, start=fit,
+                                          config=config)
+            accuracy[i] += _head_accuracy({"w": fit.w, "b": fit.b}, feats[held], labels[held]) / folds
+    best = int(np.argmax(np.round(accuracy, 12)))  # the first maximum: the smallest C among ties
+    return grid[best], f"{folds}-fold cross-validation"
+
+
 def few_shot_probe(
     train_feats,
     train_labels,
@@ -262,26 +381,36 @@ def few_shot_probe(
 ) -> dict[int, dict[str, Any]]:
     """Linear probe on frozen features (N, D), run over ``protocol`` (module docstring).
 
-    Features (N, D) are L2-normalised; the head W (C, D), b (C,) starts at W_0 = zeros, or
-    at W_0 = ``class_prototypes(class_text_embs)`` with b = 0 (the reference's zero-shot
-    start), and is fitted by :class:`LinearProbeConfig`'s regularised loss.
-    Shot sets are zero-padded with mask to one size, so the fit compiles once per call.
-    Returns {k: {"shots", "mean", "se", "accuracies", "seeds", "short_classes"}}.
+    Features are standardised, (f - mu) / sigma with mu, sigma (D,) from the whole training pool
+    ``train_feats`` (never the test split), and the head starts at W_0 = 0. With
+    ``class_text_embs`` (the text-prior start) the features are instead L2-normalised (the text
+    space's geometry) and the penalty pulls W toward W_0 = ``class_prototypes(class_text_embs)``,
+    the zero-shot classifier. Each trial chooses C (:func:`choose_c`, the fold split drawn from
+    the trial seed), fits :func:`fit_logistic_regression` on all its shots and scores the test set.
+    Returns {k: {"shots", "mean", "se", "accuracies", "seeds", "short_classes", "c",
+    "c_selection", "converged", "iterations"}}, the last four one entry per trial.
+
+    The fits run with one BLAS thread: their matrices are at most (n, n) x (n, C), and a
+    multi-threaded BLAS spends more time waking threads than multiplying them.
     """
     train_feats, train_labels = _check_labelled("train", train_feats, train_labels, protocol.num_classes)
     test_feats, test_labels = _check_labelled("test", test_feats, test_labels, protocol.num_classes)
     if train_feats.ndim != 2 or test_feats.ndim != 2 or train_feats.shape[1] != test_feats.shape[1]:
         raise ValueError(f"train/test features must be (N, D) with equal D, got {train_feats.shape} and {test_feats.shape}.")
-    train_feats = l2_normalize(train_feats.astype(np.float32))
-    test_feats = l2_normalize(test_feats.astype(np.float32))
-    head0 = _initial_head(protocol.num_classes, train_feats.shape[1], class_text_embs)
-    size = _padded_size(train_labels, protocol)
+    if class_text_embs is None:
+        train_feats, test_feats = standardize(train_feats, test_feats)
+        w_0 = None
+    else:
+        train_feats, test_feats = l2_normalize(train_feats.astype(np.float32)), l2_normalize(test_feats.astype(np.float32))
+        w_0 = _initial_head(protocol.num_classes, train_feats.shape[1], class_text_embs)["w"]
 
-    def fit_and_score(indices, _):
-        feats, mask = _pad_rows(train_feats[indices], size)
-        labels, _ = _pad_rows(train_labels[indices], size)
-        head = _fit_linear_head(feats, labels, mask, head0, config)
-        return _head_accuracy(head, test_feats, test_labels)
+    def fit_and_score(indices, seed):
+        feats, labels = train_feats[indices], train_labels[indices]
+        with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):  # see the docstring
+            c, how = choose_c(feats, labels, protocol.num_classes, np.random.default_rng(seed), w_0=w_0, config=config)
+            fit = fit_logistic_regression(feats, labels, protocol.num_classes, c, w_0=w_0, config=config)
+        accuracy = _head_accuracy({"w": fit.w, "b": fit.b}, test_feats, test_labels)
+        return accuracy, {"c": c, "c_selection": how, "converged": fit.converged, "iterations": fit.iterations}
 
     return _run_trials(protocol, train_labels, fit_and_score, desc, progress)
 
@@ -429,9 +558,8 @@ def channel_statistics(windows) -> np.ndarray:
 def standardize(train_feats, test_feats) -> tuple[np.ndarray, np.ndarray]:
     """(f - mu) / sigma with mu, sigma (D,) the per-dimension mean and std of ``train_feats``.
 
-    Dimensions with sigma = 0 are only centred. Used before a probe on features whose
-    dimensions have unrelated units (see :func:`channel_statistics`): :func:`few_shot_probe`
-    L2-normalises, which would otherwise be ruled by the largest-valued dimensions.
+    Dimensions with sigma = 0 are only centred. :func:`few_shot_probe` applies it with the
+    training pool's features as ``train_feats``, so the test features never shape mu, sigma.
     """
     train_feats = np.asarray(train_feats, np.float32)
     mu = train_feats.mean(axis=0)
@@ -502,6 +630,14 @@ def _format_cell(stats: Mapping[str, Any] | None) -> str:
     return f"{stats['mean']:.3f} ± {stats['se']:.3f}"
 
 
+def _format_probe(stats: Mapping[str, Any] | None) -> str:
+    """"C" (median chosen C over trials), with the count of fits that did not converge; "n/a" when not run."""
+    if stats is None or "c" not in stats:
+        return "n/a"
+    failed = len(stats["converged"]) - sum(stats["converged"])
+    return f"{float(np.median(stats['c'])):g}" + (f" (not converged: {failed})" if failed else "")
+
+
 def _shot_table(methods: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[int, Mapping[str, Any]]]:
     """{method: {k: stats}} with integer k (JSON turns the keys into strings)."""
     return {name: {int(k): v for k, v in m.get("few_shot", {}).items()} for name, m in methods.items()}
@@ -527,6 +663,13 @@ def results_markdown(results: Mapping[str, Mapping[str, Any]]) -> str:
             if has_zero_shot:
                 cells.append(f"{method['zero_shot']:.3f}" if "zero_shot" in method else "—")
             lines.append("| " + " | ".join(cells) + " |")
+        probed = {name: table for name, table in few_shot.items() if any("c" in s for s in table.values())}
+        if probed:
+            lines += ["", "Probe C per shot count (median over trials; \"not converged: n\" counts fits that hit the "
+                      "iteration limit):", "", "| method | " + " | ".join(f"{k}-shot" for k in shots) + " |",
+                      "|" + "---|" * (len(shots) + 1)]
+            for name, table in probed.items():
+                lines.append(f"| {name} | " + " | ".join(_format_probe(table.get(k)) for k in shots) + " |")
         retrieval = {name: m["retrieval"] for name, m in methods.items() if "retrieval" in m}
         if retrieval:
             columns = list(next(iter(retrieval.values())))

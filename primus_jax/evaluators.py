@@ -10,12 +10,14 @@ last step) in the training process, on the current encoder params, and its metri
 Types and their fields (defaults in `DEFAULTS`; every type also takes `every`, `data_dir`, `head`
 ("mmcl": the reference's downstream feature; or "ssl", "emb") and `batch_size`):
 
-  fewshot    train_split, test_split, shots, trials, seed, probe_steps. The linear probe of
-             `evaluate.few_shot_probe` on frozen features at each k in `shots`; writes "<k>shot"
-             (mean top-1 test accuracy over trials) and "<k>shot_se" (its standard error).
+  fewshot    train_split, test_split, shots, trials, seed, c_grid. The linear probe of
+             `evaluate.few_shot_probe` on frozen features at each k in `shots` (standardised
+             features, logistic regression by L-BFGS, C cross-validated over `c_grid` per
+             trial); writes "<k>shot" (mean top-1 test accuracy over trials), "<k>shot_se"
+             (its standard error) and "<k>shot_converged" (the share of trials whose fit converged).
   zeroshot   split, text_tower. The dataset's class prompts (manifest.json "prompts", as written
              by data_prep.har) embedded once by `text_tower` (a spec of `towers.load_text_tower`:
-             "minilm", "clip:<folder or hub id>", "tiny-random"); `evaluate.zero_shot` writes
+             "minilm", "clip:<folder or hub id>"); `evaluate.zero_shot` writes
              "accuracy".
   retrieval  split, ks. IMU -> text recall@k (`evaluate.retrieval_recall`, paired: each window's
              own text embedding is its positive) over the split's windows that have text; writes
@@ -43,7 +45,7 @@ log = logging.getLogger(__name__)
 COMMON = {"type": "", "every": 0, "data_dir": "", "head": "mmcl", "batch_size": 256}
 DEFAULTS = {
     "fewshot": {**COMMON, "train_split": "train", "test_split": "test", "shots": (1, 5, 10), "trials": 5,
-                "seed": 0, "probe_steps": 500},
+                "seed": 0, "c_grid": evaluate.LinearProbeConfig.c_grid},
     "zeroshot": {**COMMON, "split": "test", "text_tower": "minilm"},
     "retrieval": {**COMMON, "split": "test", "ks": (1, 5)},
 }
@@ -117,7 +119,7 @@ class FewShot(Evaluator):
         self.test_windows, self.test_labels = test_split["imu"], test_split["label"]
         self.protocol = evaluate.FewShotProtocol(shots=tuple(cfg.shots), num_classes=len(classes),
                                                  trials=cfg.trials, seed=cfg.seed)
-        self.probe = evaluate.LinearProbeConfig(steps=cfg.probe_steps)
+        self.probe = evaluate.LinearProbeConfig(c_grid=tuple(cfg.c_grid))
 
     def evaluate(self, params):
         results = evaluate.few_shot_probe(
@@ -129,6 +131,7 @@ class FewShot(Evaluator):
             metrics[f"{k}shot"] = stats["mean"]
             if stats["se"] is not None:
                 metrics[f"{k}shot_se"] = stats["se"]
+            metrics[f"{k}shot_converged"] = float(np.mean(stats["converged"]))
         return metrics
 
 
@@ -202,8 +205,8 @@ def _configured(name: str, entry: Mapping[str, Any]) -> ml_collections.ConfigDic
     for field in ("shots", "ks"):
         if field in cfg and (not cfg[field] or min(cfg[field]) < 1):
             problems.append(f"{field} must be a non-empty list of positive integers, got {cfg[field]!r}")
-    if kind == "fewshot" and (cfg.trials < 1 or cfg.probe_steps < 1):
-        problems.append(f"trials and probe_steps must be positive, got {cfg.trials} and {cfg.probe_steps}")
+    if kind == "fewshot" and (cfg.trials < 1 or not cfg.c_grid or min(cfg.c_grid) <= 0):
+        problems.append(f"trials and every C of c_grid must be positive, got {cfg.trials} and {cfg.c_grid!r}")
     if problems:
         raise train.ConfigError(f"evals.{name}: " + "; ".join(problems))
     return cfg

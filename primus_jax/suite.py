@@ -22,11 +22,14 @@ and there are at least two, else recordings -- in natural order, the last
 ceil(test_fraction * groups) groups forming the test set. So no subject (or recording) lends
 windows to both sides.
 
-Per (encoder, dataset) cell and feature head: few-shot linear probes (``evaluate.few_shot_probe``)
-at k = 1, 2, 5, 10, 20 shots x 5 trials, mean +- s.e.; a k larger than some class's training
-windows is "n/a". Zero-shot (``evaluate.zero_shot``) for encoders that learnt text with the
-dataset's own text tower, against the class prototypes the dataset stores as its windows' text
-embeddings. An encoder whose rate differs from a dataset's gets the windows resampled
+Per (encoder, dataset) cell and feature head: few-shot linear probes (``evaluate.few_shot_probe``:
+features standardised with the training pool's statistics, multinomial logistic regression fitted
+by L-BFGS to convergence, C chosen per trial by cross-validation on the shots) at k = 1, 2, 5, 10,
+20 shots x 5 trials, mean +- s.e.; a k larger than some class's training windows is "n/a". Each
+trial's C and convergence are stored. Zero-shot (``evaluate.zero_shot``) for encoders that learnt
+text with the dataset's own text tower, against the class prototypes the dataset stores as its
+windows' text embeddings; for those the probe also runs from the text prototypes (W pulled toward
+the zero-shot classifier), as its own row "<encoder> (mmcl, text-prior start)". An encoder whose rate differs from a dataset's gets the windows resampled
 (polyphase) when that yields its window length, and is refused with one sentence otherwise.
 
 Writes into --out: ``cells/<encoder>--<dataset>.json`` (each atomically, as soon as the cell is
@@ -58,7 +61,8 @@ STATISTICS = "statistics (per-channel)"
 RANDOM = "random"
 REFERENCE_WINDOW_LENGTH = 250  # the released checkpoint: 5 s windows at 50 Hz (SPEC §4)
 REFERENCE_RATE_HZ = 50.0
-CELL_FORMAT = "primus_jax.suite.cell/1"
+CELL_FORMAT = "primus_jax.suite.cell/2"
+TEXT_PRIOR = "text-prior start"
 
 
 class SuiteError(ValueError):
@@ -69,7 +73,7 @@ class SuiteError(ValueError):
 class SuiteSettings:
     """What every cell runs: the few-shot protocol, the probe, the feature heads, the split.
 
-    ``heads`` are encoder outputs to probe ("mmcl", "ssl", "emb"); with more than one, a method
+    The probe is ``evaluate.LinearProbeConfig(c_grid=c_grid, cv_folds=cv_folds)``. ``heads`` are encoder outputs to probe ("mmcl", "ssl", "emb"); with more than one, a method
     is named "<encoder> (<head>)". ``table_shots`` is the shot count of suite.md's main table
     (one of ``shots``). ``test_fraction`` is the share of groups held out for testing
     when a dataset has no given train / test splits.
@@ -78,7 +82,8 @@ class SuiteSettings:
     shots: tuple[int, ...] = (1, 2, 5, 10, 20)
     trials: int = 5
     seed: int = 0
-    probe_steps: int = 500
+    c_grid: tuple[float, ...] = evaluate.LinearProbeConfig.c_grid
+    cv_folds: int = evaluate.LinearProbeConfig.cv_folds
     heads: tuple[str, ...] = ("mmcl",)
     test_fraction: float = 1 / 3
     table_shots: int = 10
@@ -92,6 +97,13 @@ class SuiteSettings:
         evaluate.FewShotProtocol(shots=self.shots, num_classes=2, trials=self.trials, seed=self.seed)
         if self.table_shots not in self.shots:
             raise SuiteError(f"suite table_shots={self.table_shots} is not among the shots {list(self.shots)}.")
+        try:
+            self.probe()
+        except ValueError as error:
+            raise SuiteError(f"suite probe settings: {error}") from None
+
+    def probe(self) -> evaluate.LinearProbeConfig:
+        return evaluate.LinearProbeConfig(c_grid=tuple(self.c_grid), cv_folds=self.cv_folds)
 
 
 @dataclasses.dataclass
@@ -328,10 +340,9 @@ def run_cell(encoder: Encoder, dataset: Dataset, settings: SuiteSettings) -> dic
     shots = feasible_shots(settings, train_y, num_classes)
     protocol = evaluate.FewShotProtocol(shots=shots, num_classes=num_classes, trials=settings.trials,
                                         seed=settings.seed)
-    probe = evaluate.LinearProbeConfig(steps=settings.probe_steps)
+    probe = settings.probe()
     if encoder.model is None:
-        features = {None: evaluate.standardize(evaluate.channel_statistics(train_x),
-                                               evaluate.channel_statistics(test_x))}
+        features = {None: (evaluate.channel_statistics(train_x), evaluate.channel_statistics(test_x))}
     else:
         train_x, test_x = fit_windows(encoder, dataset, train_x), fit_windows(encoder, dataset, test_x)
         features = {head: tuple(evaluate.encode(encoder.model, encoder.params, x, head_name=head,
@@ -349,6 +360,10 @@ def run_cell(encoder: Encoder, dataset: Dataset, settings: SuiteSettings) -> dic
             else:
                 entry["zero_shot"] = evaluate.zero_shot(test_f, test_y, dataset.prototypes)
         methods[_method_name(encoder, head, settings)] = entry
+        if "zero_shot" in entry:
+            methods[f"{encoder.name} ({head}, {TEXT_PRIOR})"] = {"few_shot": evaluate.few_shot_probe(
+                train_f, train_y, test_f, test_y, protocol, class_text_embs=dataset.prototypes, config=probe,
+                desc=f"{dataset.name}: {encoder.name} {head} {TEXT_PRIOR}", progress=False)}
     return methods
 
 
@@ -464,6 +479,27 @@ def mean_ranks(table: dict[str, dict[str, float | None]]) -> dict[str, float | N
     return {m: (float(np.mean(ranks[m])) if m in ranks else None) for m in methods}
 
 
+def protocol_lines(settings: dict) -> list[str]:
+    """suite.md's opening list: the probe, how C is chosen, the standardisation, shots and trials, split."""
+    probe = evaluate.LinearProbeConfig(c_grid=tuple(settings["c_grid"]), cv_folds=settings["cv_folds"])
+    return [
+        f"- **Probe** on frozen features: {probe.describe()}. Each cell of the full grid records the "
+        f"chosen C (median over trials) and whether every fit converged.",
+        "- **Standardisation**: each feature dimension becomes (f - mu) / sigma, mu and sigma over the dataset's "
+        "whole training split (its windows' features, labels unused); the test split never enters. The "
+        f"per-channel-statistics floor goes through the same probe. Rows marked \"{TEXT_PRIOR}\" L2-normalise "
+        "the features instead and pull W toward the class text prototypes (the zero-shot classifier).",
+        f"- **Shots and trials**: k in {{{', '.join(str(s) for s in settings['shots'])}}} labelled windows per "
+        f"class drawn without replacement from the training split, {settings['trials']} trials per k (trial "
+        f"seeds from SeedSequence({settings['seed']}, (k, t))); top-1 accuracy on the whole test split, mean "
+        "± standard error over trials.",
+        "- **Split**: a dataset's own train / test splits when it has them; otherwise subject-disjoint (when "
+        "every window names a subject) or recording-disjoint, the last "
+        f"{settings['test_fraction']:.3g} of the groups in natural order tested. Each dataset's split is "
+        "listed under Datasets.",
+    ]
+
+
 def suite_markdown(suite: dict) -> str:
     """suite.md: the k-shot table (datasets x methods), mean rank, skipped datasets, the full grid."""
     k = suite["settings"]["table_shots"]
@@ -471,9 +507,7 @@ def suite_markdown(suite: dict) -> str:
     table = table_accuracies(results, k)
     ranks = mean_ranks(table)
     methods = sorted(ranks, key=lambda m: (ranks[m] is None, ranks[m] or 0.0))
-    lines = ["# Evaluation suite", "",
-             f"{suite['settings']['trials']} trials per shot count; linear probe on frozen features "
-             f"({suite['settings']['probe_steps']} steps); top-1 accuracy on the test split.", "",
+    lines = ["# Evaluation suite", ""] + protocol_lines(suite["settings"]) + ["",
              f"## {k}-shot accuracy", "", "| dataset | " + " | ".join(methods) + " |",
              "|" + "---|" * (len(methods) + 1)]
     for ds, row in table.items():
@@ -510,7 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--table-shots", type=int, help="shot count of suite.md's main table (default 10, else the most)")
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--probe-steps", type=int, default=500, help="Adam steps of each linear probe")
+    parser.add_argument("--c-grid", default="0.001,0.01,0.1,1,10,100,1000",
+                        help="the probe's inverse L2 strengths C, cross-validated per trial (comma-separated)")
     parser.add_argument("--heads", default="mmcl", help="feature heads to probe: mmcl, ssl, emb (comma-separated)")
     parser.add_argument("--test-fraction", type=float, default=1 / 3,
                         help="share of subjects (or recordings) held out for testing without given test splits")
@@ -526,6 +561,13 @@ def load_all(encoder_specs: Sequence[str], dataset_specs: Sequence[str], setting
     return encoders, [load_dataset_spec(s, settings) for s in dataset_specs]
 
 
+def _floats(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(c) for c in text.split(","))
+    except ValueError:
+        raise SuiteError(f"{flag} must be comma-separated numbers, got {text!r}.") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The CLI; a bad encoder, dataset or setting prints one sentence and returns 1."""
     args = build_parser().parse_args(argv)
@@ -536,7 +578,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             shots = tuple(int(k) for k in args.shots.split(","))
         except ValueError:
             raise SuiteError(f"--shots must be comma-separated integers, got {args.shots!r}.") from None
-        settings = SuiteSettings(shots=shots, trials=args.trials, seed=args.seed, probe_steps=args.probe_steps,
+        settings = SuiteSettings(shots=shots, trials=args.trials, seed=args.seed, c_grid=_floats(args.c_grid, "--c-grid"),
                                  heads=tuple(h.strip() for h in args.heads.split(",") if h.strip()),
                                  test_fraction=args.test_fraction, table_shots=args.table_shots or (10 if 10 in shots else max(shots)))
         encoders, datasets = load_all(args.encoder, args.dataset, settings, args.seed)

@@ -17,9 +17,13 @@ SEPARABLE = evaluate.FewShotProtocol((1, 5), NUM_CLASSES, trials=3, seed=7)
 
 
 def gaussian_clusters(per_class: int, rng: np.random.Generator, spread: float = 1.0):
-    """Class c is N(4 e_c, spread^2 I) in DIM dimensions: well separated directions."""
+    """Class c is N(4 q_c, spread^2 I) in DIM dimensions, q_c orthonormal: well separated directions.
+
+    The q_c are rotated off the axes (a fixed random orthogonal matrix), so every dimension carries
+    class signal and the probe's per-dimension standardisation rescales them alike.
+    """
     labels = np.repeat(np.arange(NUM_CLASSES), per_class)
-    means = 4.0 * np.eye(NUM_CLASSES, DIM)
+    means = 4.0 * np.linalg.qr(np.random.default_rng(99).standard_normal((DIM, DIM)))[0][:NUM_CLASSES]
     feats = means[labels] + spread * rng.standard_normal((labels.size, DIM))
     return feats.astype(np.float32), labels
 
@@ -89,15 +93,77 @@ def test_small_class_uses_all_its_windows_and_is_recorded():
     assert np.sum(labels[indices] == 0) == 4 and len(set(indices)) == 6
 
 
-def test_text_initialised_head_starts_as_zero_shot_classifier(clusters):
+def test_text_prior_start_is_pulled_to_the_zero_shot_classifier(clusters):
     train_feats, train_labels, test_feats, test_labels = clusters
-    text = 4.0 * np.eye(NUM_CLASSES, DIM)[:, None, :] + np.random.default_rng(2).normal(0, 0.1, (NUM_CLASSES, 3, DIM))
-    untrained = evaluate.LinearProbeConfig(steps=0)
+    text = 4.0 * np.linalg.qr(np.random.default_rng(99).standard_normal((DIM, DIM)))[0][:NUM_CLASSES, None, :] + np.random.default_rng(2).normal(0, 0.1, (NUM_CLASSES, 3, DIM))
+    prototypes = evaluate.class_prototypes(text)
+    # A vanishing C pins W to the prototypes: the head is the zero-shot classifier plus a bias.
+    shots = evaluate.l2_normalize(train_feats[:8])
+    fit = evaluate.fit_logistic_regression(shots, train_labels[:8], NUM_CLASSES, 1e-9, w_0=prototypes)
+    np.testing.assert_allclose(fit.w, prototypes, atol=1e-6)
     result = evaluate.few_shot_probe(
         train_feats, train_labels, test_feats, test_labels, evaluate.FewShotProtocol((1,), NUM_CLASSES, trials=2),
-        class_text_embs=text, config=untrained, progress=False,
+        class_text_embs=text, config=evaluate.LinearProbeConfig(inverse_regularization=1e-9), progress=False,
     )
-    assert result[1]["accuracies"] == [pytest.approx(evaluate.zero_shot(test_feats, test_labels, text))] * 2
+    zero_shot = evaluate.zero_shot(test_feats, test_labels, text)
+    assert zero_shot > 0.9 and all(abs(acc - zero_shot) < 0.02 for acc in result[1]["accuracies"])
+
+
+def _gaussian_classes(per_class: int, rng: np.random.Generator, classes: int = 5, dim: int = 24):
+    """Class c is N(m_c, I) with m_c ~ N(0, 0.6^2 I): overlapping classes, well-conditioned features."""
+    means = np.random.default_rng(11).normal(0.0, 0.6, (classes, dim))
+    labels = np.repeat(np.arange(classes), per_class)
+    return (means[labels] + rng.standard_normal((labels.size, dim))).astype(np.float32), labels
+
+
+@pytest.mark.parametrize("c", [0.01, 1.0, 100.0])
+def test_probe_agrees_with_scikit_learn_logistic_regression_at_the_same_c(c):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(5)
+    (train_x, train_y), (test_x, test_y) = _gaussian_classes(40, rng), _gaussian_classes(200, rng)
+    protocol = evaluate.FewShotProtocol((2, 5, 10, 20), 5, trials=2, seed=3)
+    ours = evaluate.few_shot_probe(train_x, train_y, test_x, test_y, protocol,
+                                   config=evaluate.LinearProbeConfig(inverse_regularization=c), progress=False)
+    scaler = StandardScaler().fit(train_x)  # statistics of the training pool, as the probe's
+    for k, stats in ours.items():
+        assert stats["c"] == [c, c] and all(stats["converged"])
+        for seed, accuracy in zip(stats["seeds"], stats["accuracies"]):
+            shots, _ = evaluate.sample_shots(train_y, k, 5, np.random.default_rng(seed))
+            reference = LogisticRegression(C=c, tol=1e-10, max_iter=10_000).fit(
+                scaler.transform(train_x[shots]), train_y[shots])
+            assert abs(accuracy - reference.score(scaler.transform(test_x), test_y)) <= 0.01, (k, c)
+
+
+def test_c_is_the_grid_value_with_the_best_cross_validated_accuracy():
+    rng = np.random.default_rng(6)
+    feats, labels = _gaussian_classes(6, rng)
+    # Tight tolerance: warm-started and cold-started fits then reach the same optimum.
+    config = evaluate.LinearProbeConfig(c_grid=(1e-3, 1e-1, 10.0), gradient_tolerance=1e-9)
+    c, how = evaluate.choose_c(feats, labels, 5, np.random.default_rng(1), config=config)
+    assert how == "3-fold cross-validation" and c in config.c_grid
+    folds = evaluate.stratified_folds(labels, 3, np.random.default_rng(1))
+    assert all(np.bincount(folds[labels == k], minlength=3).tolist() == [2, 2, 2] for k in range(5))
+    scores = {}
+    for grid_c in config.c_grid:  # cold-started refits: the warm starts change no optimum
+        hits = []
+        for f in range(3):
+            fit = evaluate.fit_logistic_regression(feats[folds != f], labels[folds != f], 5, grid_c, config=config)
+            hits.append(np.mean(np.argmax(fit.logits(feats[folds == f]), axis=1) == labels[folds == f]))
+        scores[grid_c] = np.mean(hits)
+    assert scores[c] == max(scores.values())
+    assert evaluate.choose_c(feats[::6], labels[::6], 5, rng, config=config) == (1.0, "fixed (1 shot per class: none to hold out)")
+
+
+def test_probe_records_c_and_convergence_per_trial(clusters):
+    result = evaluate.few_shot_probe(*clusters, evaluate.FewShotProtocol((1, 5), NUM_CLASSES, trials=2),
+                                     config=evaluate.LinearProbeConfig(max_iterations=1), progress=False)
+    for k, stats in result.items():
+        assert len(stats["c"]) == len(stats["converged"]) == len(stats["iterations"]) == 2
+        assert stats["converged"] == [False, False] and stats["iterations"] == [1, 1]
+    assert result[1]["c_selection"] == ["fixed (1 shot per class: none to hold out)"] * 2
+    assert result[5]["c_selection"] == ["3-fold cross-validation"] * 2
 
 
 def test_zero_shot_finds_the_class_of_constructed_features():

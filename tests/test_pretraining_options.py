@@ -265,7 +265,7 @@ def _pod_overrides(datasets, text_tower, **extra) -> list[str]:
         datasets, data__mixture="egoexo4d:3,ego4d:1", optim__warmup_steps=2, train__profile_steps="(4,5)",
         data__workers=0, train__checkpoint_every=3,  # decoding workers are tested elsewhere
         evals__fewshot__every=3, evals__fewshot__data_dir=downstream, evals__fewshot__shots="(1,2)",
-        evals__fewshot__trials=2, evals__fewshot__probe_steps=20,
+        evals__fewshot__trials=2,
         evals__zeroshot__every=3, evals__zeroshot__data_dir=downstream, evals__zeroshot__text_tower=text_tower,
         evals__retrieval__every=3, evals__retrieval__data_dir=downstream, **extra)
 
@@ -323,7 +323,8 @@ def test_pod_config_with_everything_on_writes_each_part_and_resumes_exactly(data
     for name in ("fewshot", "zeroshot", "retrieval"):
         assert [r["step"] for r in by_name[name]] == [3, 6]
     for r in by_name["fewshot"]:
-        assert set(r) == {"step", "split", "1shot", "1shot_se", "2shot", "2shot_se", "seconds"}
+        assert set(r) == {"step", "split", "1shot", "1shot_se", "1shot_converged", "2shot", "2shot_se", "2shot_converged",
+                          "seconds"}
         assert all(0.0 <= r[k] <= 1.0 for k in ("1shot", "2shot"))
     for r in by_name["zeroshot"]:
         assert 0.0 <= r["accuracy"] <= 1.0 and r["accuracy"] * 12 == pytest.approx(round(r["accuracy"] * 12))

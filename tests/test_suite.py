@@ -12,7 +12,7 @@ from primus_jax import checkpoint, data, models, suite
 
 T, RATE, DIM = 128, 50.0, 16
 TINY_MODEL = {"hidden_dim": 32, "conv_channels": 8, "ssl_dim": DIM, "mm_dim": DIM}
-SETTINGS = suite.SuiteSettings(shots=(1, 2, 5), trials=2, probe_steps=20, table_shots=2)
+SETTINGS = suite.SuiteSettings(shots=(1, 2, 5), trials=2, table_shots=2)
 TOWER = {"name": "tiny", "dim": DIM, "source": "test"}
 
 
@@ -53,7 +53,7 @@ def test_suite_cli_writes_tables_resumes_and_skips_unlabelled(tmp_path, capsys):
     out = str(tmp_path / "suite")
     argv = ["--encoder", f"tiny={tmp_path / 'pretrained'}", "--encoder", "random", "--dataset", watch,
             "--dataset", f"motions={motions}", "--dataset", str(tmp_path / "nolabels"), "--out", out,
-            "--shots", "1,2,5", "--table-shots", "2", "--trials", "2", "--probe-steps", "20"]
+            "--shots", "1,2,5", "--table-shots", "2", "--trials", "2"]
     assert os.path.isdir(export)
     assert suite.main(argv) == 0
     result = json.load(open(os.path.join(out, "suite.json")))
@@ -61,7 +61,12 @@ def test_suite_cli_writes_tables_resumes_and_skips_unlabelled(tmp_path, capsys):
     assert "skipped dataset nolabels" in capsys.readouterr().err
     w = result["results"]["watch"]
     assert w["split"].startswith("subject-disjoint: test = subjects ['s3']") and w["test_windows"] == 10
-    assert set(w["methods"]) == {"tiny", "random init", suite.STATISTICS}
+    text_prior = f"tiny (mmcl, {suite.TEXT_PRIOR})"  # the tiny export learnt the dataset's text space
+    assert set(w["methods"]) == {"tiny", text_prior, "random init", suite.STATISTICS}
+    assert set(w["methods"][text_prior]["few_shot"]) == {"1", "2"}
+    for stats in w["methods"]["tiny"]["few_shot"].values():  # each trial's C and convergence are kept
+        assert len(stats["c"]) == len(stats["converged"]) == 2 and all(c > 0 for c in stats["c"])
+    assert w["methods"]["tiny"]["few_shot"]["2"]["c_selection"] == ["2-fold cross-validation"] * 2
     # Class "run" has 4 training windows (2 per subject), so 5 shots are n/a; 1 and 2 ran 2 trials each.
     assert set(w["methods"]["tiny"]["few_shot"]) == {"1", "2"}
     assert all(len(v["accuracies"]) == 2 for v in w["methods"]["tiny"]["few_shot"].values())
@@ -74,6 +79,10 @@ def test_suite_cli_writes_tables_resumes_and_skips_unlabelled(tmp_path, capsys):
     assert m["methods"][suite.STATISTICS]["few_shot"]["2"]["mean"] >= 0.9
     md = open(os.path.join(out, "suite.md")).read()
     assert "## 2-shot accuracy" in md and "| **mean rank** |" in md
+    for item in ("- **Probe** on frozen features: multinomial logistic regression", "C chosen per trial by stratified",
+                 "- **Standardisation**:", "- **Shots and trials**: k in {1, 2, 5}", "- **Split**:"):
+        assert item in md, item
+    assert "Probe C per shot count" in md
     assert "| 1-shot | 2-shot | 5-shot | zero-shot |" in md and "| n/a |" in md
     assert "nolabels: skipped" in md
     with open(os.path.join(out, "suite.png"), "rb") as f:
@@ -96,7 +105,7 @@ def test_suite_refuses_an_encoder_whose_window_length_cannot_be_met(tmp_path, ca
     watch = write_labelled(tmp_path / "watch")
     export = export_tiny(tmp_path / "export", length=200)
     assert suite.main(["--encoder", export, "--dataset", watch, "--out", str(tmp_path / "out"),
-                       "--shots", "1", "--trials", "1", "--probe-steps", "2"]) == 1
+                       "--shots", "1", "--trials", "1"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: encoder export takes 200 samples at 50 Hz but dataset watch has windows of 128 samples at 50 Hz (128 at 50 Hz): prepare it with data_prep.har --target-rate 50 --T 200.\n")
     assert not os.path.exists(tmp_path / "out" / "cells")
@@ -128,7 +137,7 @@ def test_reference_checkpoint_is_scored_on_resampled_windows_without_zero_shot(t
     encoder = suite.load_encoder_spec(f"released={checkpoint}")
     dataset = suite.load_dataset_spec(path, SETTINGS)
     assert suite.fit_windows(encoder, dataset, dataset.test[0]).shape == (6, 250, 6)
-    settings = suite.SuiteSettings(shots=(1,), trials=1, probe_steps=5, table_shots=1)
+    settings = suite.SuiteSettings(shots=(1,), trials=1, table_shots=1)
     result = suite.run_suite([encoder], [dataset], str(tmp_path / "out"), settings, progress=False)
     entry = result["results"]["d"]["methods"]["released"]
     assert 0.0 <= entry["few_shot"]["1"]["mean"] <= 1.0
