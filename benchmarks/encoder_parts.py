@@ -50,7 +50,7 @@ def _best_ms(call, repeats: int) -> float:
 
 
 def gru_matmul_floor(inputs, input_kernel, kernel, hidden_t, gate_grads, dtype, unroll=1):
-    """The matmuls of `models.gru_recurrence`'s forward and backward, alone: the GRU's floor.
+    """The matmuls of `ops.gru_recurrence`'s forward and backward, alone: the GRU's floor.
 
     inputs (S, N, D) time-major, input_kernel (D, 3H) = W_ih^T, kernel (H, 3H) = W_hh^T;
     hidden_t (S - 1, H, N) and gate_grads (S - 1, N, 3H) stand in for what the real GRU computes

@@ -2,7 +2,7 @@
 
     python -m benchmarks.input_normalisation --dataset watch=DIR@heldout --dataset DIR ... [--record DIR]
 
-The encoder's first layer is GroupNorm(2 groups) over (3 axes x T) per sensor (SPEC §1): per window
+The encoder's first layer is GroupNorm(2 groups) over (3 axes x T) per sensor (docs/design.md §1): per window
 and sensor, x -> (x - m) / s with m, s the mean and standard deviation over the triplet's 3 x T
 values (the affine part starts at the identity). What it removes: the common offset m (with gravity
 g = (g_x, g_y, g_z) a window keeps g - mean(g) per axis, so gravity along (1, 1, 1) / sqrt(3)

@@ -126,9 +126,9 @@ def read_to_devices(dataset_dir: str, batch_size: int, workers: int, prefetch: i
     """records/s of `batches` batches through prepare_batch onto the devices, after `warmup`."""
     import jax
 
-    from primus_jax import data, train
+    from primus_jax import data, train, trainconfig
 
-    dims = train.DataDims.from_manifest(data.read_manifest(dataset_dir))
+    dims = trainconfig.DataDims.from_manifest(data.read_manifest(dataset_dir))
     mesh = train.make_mesh()
     with data.BatchIterator(dataset_dir, "train", batch_size, seed=0, shuffle=True,
                             prefetch=prefetch, workers=workers) as iterator:

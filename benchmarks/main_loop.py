@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.steps % args.log_every:
         raise ValueError(f"--steps {args.steps} must be a multiple of --log-every {args.log_every}")
     from benchmarks import train_step
-    from primus_jax import train
+    from primus_jax import train, train_data
 
     with tempfile.TemporaryDirectory(prefix="primus_main_loop_bench_") as root:
         dataset_dir, workdir = os.path.join(root, "data"), os.path.join(root, "workdir")
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> dict:
         summary = train.train_and_evaluate(config, workdir)
         loop_rate, timed_steps = steady_loop_rate(os.path.join(workdir, "metrics.jsonl"),
                                                   args.batch_size, args.log_every)
-        workers = train.data_workers(config)
+        workers = train_data.data_workers(config)
     step_args = train_step.build_parser().parse_args([
         "--batch-size", str(args.batch_size), "--steps", str(args.step_steps),
         "--compute-dtype", args.compute_dtype, "--queue-size", str(args.queue_size),

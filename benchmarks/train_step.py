@@ -141,15 +141,15 @@ def compile_step(args: argparse.Namespace, mesh=None):
     """
     import jax
 
-    from primus_jax import flops, train
+    from primus_jax import flops, train, trainconfig
 
     if args.steps < 1 or args.batch_size < 1:
         raise ValueError(f"--steps and --batch-size must be positive, got {args.steps} and {args.batch_size}")
     config = benchmark_config(args)
-    dims = train.DataDims(window_length=args.window_length, rate_hz=50.0,
-                          text_dim=EMBEDDING_DIM, video_dim=EMBEDDING_DIM)
+    dims = trainconfig.DataDims(window_length=args.window_length, rate_hz=50.0,
+                                text_dim=EMBEDDING_DIM, video_dim=EMBEDDING_DIM)
     mesh = train.make_mesh() if mesh is None else mesh
-    train.validate_config(config, dims, mesh.size)
+    trainconfig.validate_config(config, dims, mesh.size)
     state = train.place_state(train.create_train_state(config, dims), mesh)
     batch = train.prepare_batch(synthetic_batch(args.batch_size, args.window_length, EMBEDDING_DIM),
                                 dims, config.model.mm_dim, mesh)

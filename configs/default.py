@@ -1,4 +1,4 @@
-"""The paper's pretraining settings (SPEC §5), for a prepared Ego4D / Ego-Exo4D dataset.
+"""The paper's pretraining settings (docs/design.md §5), for a prepared Ego4D / Ego-Exo4D dataset.
 
     python -m primus_jax.main --config configs/default.py --workdir DIR \
         --config.data.dir=PREPARED_DATASET_DIR
@@ -28,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
     # "" trains on data.dir alone. See primus_jax/data/mixture.py.
     config.data.mixture = ""
 
-    # Encoder (SPEC §1). The window length T and rate come from the dataset manifest.
+    # Encoder (docs/design.md §1). The window length T and rate come from the dataset manifest.
     config.model = ml_collections.ConfigDict()
     config.model.hidden_dim = 512
     config.model.conv_channels = 32
@@ -41,7 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
     # CPU), "high" or "highest" (float32 everywhere); see primus_jax/precision.py and docs/pretraining.md.
     config.model.matmul_precision = "default"
 
-    # Objective (SPEC §2): alpha = ssl_coeff; each term can be switched off.
+    # Objective (docs/design.md §2): alpha = ssl_coeff; each term can be switched off.
     config.objective = ml_collections.ConfigDict()
     config.objective.method = "primus"  # or "multitask_ssl" (configs/ablations.py:multitask_ssl)
     config.objective.alpha = 0.5
@@ -59,7 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.queue = ml_collections.ConfigDict()
     config.queue.size = 8192
 
-    # Adam, lr 2e-4, no schedule, no clipping, no weight decay (SPEC §5). primus_jax/optimizer.py
+    # Adam, lr 2e-4, no schedule, no clipping, no weight decay (docs/design.md §5). primus_jax/optimizer.py
     # gives the schedules' formulas.
     config.optim = ml_collections.ConfigDict()
     config.optim.learning_rate = 2e-4  # the peak rate of a schedule

@@ -97,7 +97,7 @@ def pad_or_truncate(x: np.ndarray, length: int) -> np.ndarray:
 def narration_window(
     t: float, duration: float, half: float = 2.5, floor_seconds: bool = True
 ) -> tuple[float, float] | None:
-    """The IMU window [start, end) in seconds for a narration at time t (SPEC §4).
+    """The IMU window [start, end) in seconds for a narration at time t (docs/design.md §4).
 
     The window is [t - half, t + half], shifted to [0, 2*half] if it starts before 0 and to
     [duration - 2*half, duration] if it ends after the recording. With `floor_seconds` both ends
@@ -130,7 +130,7 @@ _PUNCTUATION_AND_SPACE = string.punctuation + string.whitespace
 
 
 def clean_narration(text: str) -> str:
-    """Cleans an Ego4D / Ego-Exo4D narration into a text target (SPEC §4, without its C bug).
+    """Cleans an Ego4D / Ego-Exo4D narration into a text target (docs/design.md §4, without the reference's C bug).
 
     Steps: "#unsure" -> "something"; drop speaker tags such as "#C", "#O", "#X"; drop a leading
     "C" that names the camera wearer ("#C C opens the door" and "C opens the door" both become

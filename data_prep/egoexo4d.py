@@ -1,4 +1,4 @@
-"""Ego-Exo4D atomic-description IMU windows -> TFRecord shards (the PRIMUS pretraining set, SPEC §4).
+"""Ego-Exo4D atomic-description IMU windows -> TFRecord shards (the PRIMUS pretraining set, docs/design.md §4).
 
     python -m data_prep.egoexo4d --root DIR --out DIR [--towers SPEC] [--imu-format vrs|csv]
         [--imu-dir DIR] [--window-sec 5] [--rate 50] [--limit-takes N] [--require-video]

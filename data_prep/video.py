@@ -1,6 +1,6 @@
 """Decoding the frames of one time window of a video file with PyAV.
 
-The frozen video tower (SPEC §3) sees k frames of the window [start, end): every frame whose
+The frozen video tower (docs/design.md §3) sees k frames of the window [start, end): every frame whose
 presentation time t (seconds since the stream's start) satisfies start <= t < end is a candidate,
 at the file's native frame rate, and k of them are kept at the indices
 `primus_jax.towers.sample_frame_indices(n, k)` (linspace(0, n - 1, k), so frames repeat when

@@ -202,24 +202,24 @@ def compile_for_topology(config, topo, window_length: int = 250, per_chip_batch:
     Returns (config as compiled, {"train": (StepReport, hlo), "eval": ...}, refusal): refusal is the
     `hbm_problem` sentence of the first step over the HBM (its total above `topo`'s table, or XLA's
     own refusal to compile it), after which nothing more is compiled.
-    Raises train.ConfigError (one sentence) before compiling a config that cannot run on the mesh.
+    Raises trainconfig.ConfigError (one sentence) before compiling a config that cannot run on the mesh.
     """
-    from primus_jax import flops, train
+    from primus_jax import flops, train, trainconfig
 
     mesh = train.make_mesh(topo.devices)
     config = train.with_formulation(config, mesh)
     with config.unlocked():
         config.train.global_batch_size = global_batch_size(config, topo.chips, per_chip_batch)
-    dims = train.DataDims(window_length=window_length, rate_hz=50.0, text_dim=config.model.mm_dim,
-                          video_dim=config.model.mm_dim)
-    train.validate_config(config, dims, mesh.size)
+    dims = trainconfig.DataDims(window_length=window_length, rate_hz=50.0, text_dim=config.model.mm_dim,
+                                video_dim=config.model.mm_dim)
+    trainconfig.validate_config(config, dims, mesh.size)
     # The run's length sets only constants of the learning-rate schedule, not the program's shapes;
     # without train.num_steps (num_epochs needs the dataset) a long run stands in.
     num_steps = config.train.num_steps or max(100_000, 2 * config.optim.warmup_steps + 1)
     try:
         train_step, eval_step = train.make_steps(config, dims, mesh, num_steps)
     except ValueError as error:  # the optimizer's schedule
-        raise train.ConfigError(str(error)) from None
+        raise trainconfig.ConfigError(str(error)) from None
     state, batch = abstract_inputs(config, dims, mesh)
     compiled = {}
     queue_bytes = _device_bytes(state.queue)
@@ -291,7 +291,7 @@ def summary(topo, config, steps: dict, refusal: str | None) -> dict:
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from primus_jax import topology, train
+    from primus_jax import topology, trainconfig
 
     try:
         topo = topology.describe(_TOPOLOGY.value, _NUM_SLICES.value)
@@ -299,7 +299,7 @@ def main(argv) -> None:
               f"discarded); compiling the train and eval steps ...", file=sys.stderr)
         config, steps, refusal = compile_for_topology(_CONFIG.value, topo, _WINDOW_LENGTH.value,
                                                       _PER_CHIP_BATCH.value)
-    except (topology.TopologyError, train.ConfigError) as error:
+    except (topology.TopologyError, trainconfig.ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     if steps:

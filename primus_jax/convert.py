@@ -13,7 +13,7 @@ heads `ssl_head` and `mmcl_head`. Its state-dict keys and their places in `IMUEn
 
 Every Flax array is the torch array with its axes reversed (numpy's `.T`): Linear (out, in) ->
 kernel (in, out); Conv1d (out, in, k) -> kernel (k, in, out); 1-D vectors unchanged. The GRU gate
-blocks keep torch's (r, z, n) order along the 3H axis, which `gru_recurrence` uses as is.
+blocks keep torch's (r, z, n) order along the 3H axis, which `ops.gru_recurrence` uses as is.
 In the released Lightning checkpoint these keys carry the prefix "imu_encoder.".
 
 The GRU keeps torch's two bias vectors (b_ih and b_hh, none folded), so the map is one-to-one

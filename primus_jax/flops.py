@@ -26,9 +26,9 @@ Backward: each matmul's reverse pass costs one forward-sized matmul per operand 
 cotangent. Every encoder matmul but conv1 has a weight and an input that depends on parameters,
 so it costs 2x its forward; the adaptive pool's matrix is constant, so it costs 1x. conv1's
 input is the normalised data times the input GroupNorm's trained scale plus its bias, and its
-VJP (`models.affine_dilated_conv1d`) gets those params' gradients from the kernel gradient
+VJP (`ops.affine_dilated_conv1d`) gets those params' gradients from the kernel gradient
 without a convolution into the input, so conv1 costs 1x too. The GRU's hidden backward
-(the custom VJP of `models.gru_recurrence`) is S - 1 matmuls for dh_{t-1}, t = 2..S (h_0 is a
+(the custom VJP of `ops.gru_recurrence`) is S - 1 matmuls for dh_{t-1}, t = 2..S (h_0 is a
 constant), plus S - 1 (H, B) x (B, 3H) matmuls accumulating dW_hh: 2x its forward too.
 
 Step, for a global batch B (the encoder runs on 2B windows, both views), D_e = embedding width:

@@ -81,15 +81,15 @@ def main(argv) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax and XLA are chatty at INFO
     logging.getLogger("primus_jax").setLevel(logging.INFO)
     config = _CONFIG.value
-    from primus_jax import checkpoint, data, paths, train
+    from primus_jax import checkpoint, data, paths, train, trainconfig
 
     try:
         initialize_distributed(config.distributed)
         summary = run(config, _WORKDIR.value)
-    except (train.ConfigError, data.DataError, checkpoint.CheckpointError, train.TrainingError,
+    except (trainconfig.ConfigError, data.DataError, checkpoint.CheckpointError, train.TrainingError,
             paths.PathError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2 if isinstance(err, train.ConfigError) else 1)
+        sys.exit(2 if isinstance(err, trainconfig.ConfigError) else 1)
     if summary.get("preempted"):
         print(f"preempted at step {summary['step']}: checkpoint saved in {_WORKDIR.value}", file=sys.stderr)
     elif "skipped_updates" in summary:

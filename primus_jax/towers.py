@@ -1,6 +1,6 @@
 """Frozen text and video towers that turn window texts and clips into fixed target embeddings.
 
-They run once, in data_prep, never in the training step (SPEC §3, DESIGN). Every tower returns
+They run once, in data_prep, never in the training step (docs/design.md §3). Every tower returns
 float32 (N, dim) rows of unit L2 norm, computed by a jitted forward over fixed-size batches (the
 last batch is padded, so a call compiles once per input shape) with a tqdm bar.
 
@@ -32,7 +32,7 @@ CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 CLIP_TEXT_LENGTH = 77
 MINILM_MAX_TOKENS = 256  # sentence-transformers' max_seq_length for all-MiniLM-L6-v2
 MINILM_MIN_BUCKET = 16
-FRAMES_PER_CLIP = 50  # 10 fps x 5 s (SPEC §3)
+FRAMES_PER_CLIP = 50  # 10 fps x 5 s (docs/design.md §3)
 TOWER_SPECS = '"minilm", "clip:<local folder or hub id>" or "none"'
 
 FLAX_DEPRECATION_NOTICE = "TensorFlow and JAX classes are deprecated and will be removed in Transformers v5"
@@ -221,7 +221,7 @@ class MiniLMTextTower:
 
 
 def sample_frame_indices(n_frames: int, k: int = FRAMES_PER_CLIP) -> np.ndarray:
-    """The k frame indices round(linspace(0, n_frames - 1, k)) (SPEC §3); repeats when n_frames < k."""
+    """The k frame indices round(linspace(0, n_frames - 1, k)) (docs/design.md §3); repeats when n_frames < k."""
     if n_frames < 1 or k < 1:
         raise ValueError(f"sample_frame_indices: need n_frames >= 1 and k >= 1, got n_frames={n_frames}, k={k}.")
     return np.rint(np.linspace(0, n_frames - 1, k)).astype(np.int64)
@@ -257,7 +257,7 @@ def _check_clip(clip: np.ndarray, index: int) -> None:
 
 
 class CLIPTextTower:
-    """CLIP `text_embeds` of texts padded/truncated to 77 tokens, L2-normalised (SPEC §3)."""
+    """CLIP `text_embeds` of texts padded/truncated to 77 tokens, L2-normalised (docs/design.md §3)."""
 
     def __init__(self, model, params, tokenizer, name: str, source: str):
         self.name, self.source, self.dim = name, source, model.config.projection_dim
@@ -281,7 +281,7 @@ class CLIPTextTower:
 
 
 class CLIPVideoTower:
-    """Clip embedding = L2-normalised mean over frames of CLIP `image_embeds` (SPEC §3).
+    """Clip embedding = L2-normalised mean over frames of CLIP `image_embeds` (docs/design.md §3).
 
     Each clip holds the frames already sampled for one window (see `sample_frame_indices`).
     Frames of all clips are preprocessed clip by clip and embedded in fixed batches of

@@ -12,9 +12,9 @@ unchanged on one CPU, on N simulated CPU devices, on a GPU node and on a TPU sli
 
 One step, for a global batch x of shape (G, T, 6):
 
-    x1 = aug(k, x)                                  (view1; view0 = x, unaugmented, SPEC §2.2)
+    x1 = aug(k, x)                                  (view1; view0 = x, unaugmented, docs/design.md §2.2)
     out = encoder(concat[x, x1])                    (one call over 2G windows)
-    nb  = lookup(queue, ssl(x), text, video)        (nearest neighbours, SPEC §2.4)
+    nb  = lookup(queue, ssl(x), text, video)        (nearest neighbours, docs/design.md §2.4)
     L   = primus_objective(out[:G], out[G:], targets, nb, tau)
     params, opt = adam(clip(grad L), lr(n))          (skipped if L or a gradient is not finite;
                                                      optimizer.py: schedule, clipping)
@@ -23,10 +23,7 @@ One step, for a global batch x of shape (G, T, 6):
 from __future__ import annotations
 
 import copy
-import dataclasses
-import json
 import logging
-import signal
 import time
 from typing import Any
 
@@ -38,16 +35,16 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from primus_jax import (augment, data, losses, models, multitask, optimizer, paths, precision, profiling,
-                        queue as nn_queue)
+from primus_jax import augment, data, losses, models, multitask, optimizer, paths, precision, profiling
+from primus_jax import queue as nn_queue
+from primus_jax.metrics_log import MetricsLog, StopSignal
+from primus_jax.train_data import (check_splits, dataset_sources, make_train_iterator, mixture_batch_sizes,
+                                   read_manifests)
+from primus_jax.trainconfig import ConfigError, DataDims, build_model, objective_config, validate_config
 
 log = logging.getLogger(__name__)
 
 EVAL_KEY_INDEX = 0xFFFFFFFF  # fold_in index of the validation key; training steps never reach it
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-# "primus": the PRIMUS objective (losses.py) with its switches; "multitask_ssl": the MultitaskSSL
-# baseline (multitask.py), transformation recognition, which ignores the PRIMUS switches.
-OBJECTIVE_METHODS = ("primus", "multitask_ssl")
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -73,40 +70,6 @@ class TrainState(flax.struct.PyTreeNode):
     nonfinite_peak: jax.Array
 
 
-@dataclasses.dataclass(frozen=True)
-class DataDims:
-    """Shapes that come from the dataset manifest rather than from the config."""
-
-    window_length: int
-    rate_hz: float
-    text_dim: int
-    video_dim: int
-
-    @classmethod
-    def from_manifest(cls, manifest: dict) -> "DataDims":
-        return cls(
-            window_length=int(manifest["T"]),
-            rate_hz=float(manifest["rate_hz"]),
-            text_dim=int(manifest["text_dim"]),
-            video_dim=int(manifest["video_dim"]),
-        )
-
-
-def build_model(model_config: ml_collections.ConfigDict) -> models.IMUEncoder:
-    """The encoder described by `config.model`."""
-    return models.IMUEncoder(
-        hidden_dim=model_config.hidden_dim,
-        conv_channels=model_config.conv_channels,
-        pooled_length=model_config.pooled_length,
-        ssl_dim=model_config.ssl_dim,
-        mm_dim=model_config.mm_dim,
-        gru_over=model_config.gru_over,
-        dtype=DTYPES[model_config.dtype],
-        conv_impl=model_config.get("conv_impl", "auto"),
-        gru_unroll=model_config.get("gru_unroll") or None,
-    )
-
-
 def mesh_platform(mesh: Mesh) -> str:
     """The platform ("cpu", "gpu", "tpu") of the mesh's devices."""
     return mesh.devices.flat[0].platform
@@ -128,19 +91,6 @@ def with_formulation(config: ml_collections.ConfigDict, mesh: Mesh) -> ml_collec
         if not resolved.model.get("gru_unroll"):
             resolved.model.gru_unroll = chosen["gru_unroll"]
     return resolved
-
-
-def objective_config(config: ml_collections.ConfigDict, dims: DataDims) -> losses.ObjectiveConfig:
-    """The objective's switches; a modality the dataset lacks is switched off."""
-    obj = config.objective
-    return losses.ObjectiveConfig(
-        alpha=obj.alpha,
-        use_ss=obj.use_ss,
-        use_mm_text=obj.use_mm_text and dims.text_dim > 0,
-        use_mm_video=obj.use_mm_video and dims.video_dim > 0,
-        use_nn=obj.use_nn,
-        negative_groups=obj.get("negative_groups", 1),
-    )
 
 
 def create_train_state(config: ml_collections.ConfigDict, dims: DataDims) -> TrainState:
@@ -338,196 +288,8 @@ def replicate(tree, mesh: Mesh):
     return jax.device_put(host, NamedSharding(mesh, PartitionSpec()))
 
 
-def validate_config(config: ml_collections.ConfigDict, dims: DataDims, num_devices: int) -> None:
-    """One clear sentence for each configuration error, before anything compiles."""
-    problems = []
-    g = config.train.global_batch_size
-    if g <= 0:
-        problems.append(f"train.global_batch_size must be positive, got {g}")
-    elif g % num_devices:
-        problems.append(
-            f"train.global_batch_size={g} is not divisible by the {num_devices} devices; "
-            f"use a multiple of {num_devices}")
-    if not 0.0 <= config.objective.alpha <= 1.0:
-        problems.append(f"objective.alpha must lie in [0, 1], got {config.objective.alpha}")
-    groups = config.objective.get("negative_groups", 1)
-    if groups < 1 or (g > 0 and g % groups):
-        problems.append(f"objective.negative_groups={groups} must be at least 1 and divide train.global_batch_size={g}")
-    if config.objective.temperature_init <= 0:
-        problems.append(f"objective.temperature_init must be positive, got {config.objective.temperature_init}")
-    if config.model.dtype not in DTYPES:
-        problems.append(f"model.dtype must be one of {sorted(DTYPES)}, got {config.model.dtype!r}")
-    if config.model.matmul_precision not in precision.MATMUL_PRECISIONS:
-        problems.append(f"model.matmul_precision must be one of {precision.MATMUL_PRECISIONS}, "
-                        f"got {config.model.matmul_precision!r}")
-    if config.model.gru_over not in ("channels", "time"):
-        problems.append(f"model.gru_over must be 'channels' or 'time', got {config.model.gru_over!r}")
-    if config.objective.method not in OBJECTIVE_METHODS:
-        problems.append(f"objective.method must be one of {OBJECTIVE_METHODS}, got {config.objective.method!r}")
-    elif config.objective.method == "multitask_ssl" and config.objective.use_nn:
-        problems.append("objective.method='multitask_ssl' has no nearest-neighbour terms: set objective.use_nn=False")
-    if config.objective.nn_retrieve_by not in ("auto", "imu"):
-        problems.append(f"objective.nn_retrieve_by must be 'auto' or 'imu', got {config.objective.nn_retrieve_by!r}")
-    unknown = [n for n in config.objective.augmentations if n not in augment.TRANSFORMS]
-    if unknown:
-        problems.append(f"objective.augmentations has unknown transforms {unknown}; valid: {sorted(augment.TRANSFORMS)}")
-    if config.queue.size < g and config.objective.use_nn and not nn_queue.shards_over(config.queue.size, num_devices):
-        problems.append(f"queue.size={config.queue.size} must be at least train.global_batch_size={g} (or a "
-                        f"multiple of the {num_devices} devices, which shards it)")
-    if config.optim.learning_rate <= 0:
-        problems.append(f"optim.learning_rate must be positive, got {config.optim.learning_rate}")
-    problems += optimizer.schedule_problems(config.optim)
-    profile_problem = profiling.profile_window_problem(config.train.profile_steps)
-    if profile_problem:
-        problems.append(profile_problem)
-    if config.data.get("workers", -1) < -1 or config.data.prefetch < 0:
-        problems.append(f"data.workers (-1: automatic) and data.prefetch must not be negative, got "
-                        f"{config.data.get('workers', -1)} and {config.data.prefetch}")
-    min_t = models.min_input_length()
-    if dims.window_length < min_t:
-        problems.append(
-            f"the dataset's windows have T={dims.window_length} samples, but the encoder needs at least {min_t}")
-    for name, dim in (("text", dims.text_dim), ("video", dims.video_dim)):
-        if dim and dim != config.model.mm_dim:
-            problems.append(
-                f"model.mm_dim={config.model.mm_dim} must equal the dataset's {name} embedding dimension {dim}")
-    if problems:
-        raise ConfigError("; ".join(problems))
-
-
-def data_workers(config: ml_collections.ConfigDict) -> int:
-    """config.data.workers, with -1 resolved to the host's usable cores minus one."""
-    workers = config.data.get("workers", -1)
-    return data.default_workers() if workers == -1 else workers
-
-
-def dataset_sources(config: ml_collections.ConfigDict) -> list[data.MixtureSource]:
-    """The datasets the run trains on: config.data.mixture's (names under data.dir), else data.dir alone."""
-    if not config.data.mixture:
-        if not config.data.dir:
-            raise ConfigError("data.dir is empty: set --config.data.dir to a dataset prepared by data_prep")
-        return [data.MixtureSource(str(config.data.dir), str(config.data.dir), 1.0)]
-    try:
-        sources = data.parse_mixture(config.data.mixture, config.data.dir)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    if not sources:
-        raise ConfigError(f"data.mixture={config.data.mixture!r} names no dataset")
-    return sources
-
-
-MIXTURE_FIELDS = ("T", "rate_hz", "text_dim", "video_dim")
-
-
-def read_manifests(sources: list[data.MixtureSource]) -> tuple[list[dict], DataDims]:
-    """Each source's manifest and the DataDims they share.
-
-    ConfigError naming two datasets and the field when a mixture's datasets differ in window
-    length T, rate or an embedding width.
-    """
-    manifests = [data.read_manifest(source.dataset_dir) for source in sources]
-    first = sources[0]
-    for source, manifest in zip(sources[1:], manifests[1:]):
-        for field in MIXTURE_FIELDS:
-            if float(manifest[field]) != float(manifests[0][field]):
-                raise ConfigError(
-                    f"data.mixture: datasets {first.name!r} and {source.name!r} differ in {field} "
-                    f"({manifests[0][field]} and {manifest[field]}); a mixture's datasets must agree on "
-                    f"{', '.join(MIXTURE_FIELDS)}")
-    return manifests, DataDims.from_manifest(manifests[0])
-
-
-def check_splits(config: ml_collections.ConfigDict, sources: list[data.MixtureSource], manifests: list[dict],
-                 train_batch_sizes: list[int]) -> None:
-    """ConfigError unless each dataset's train split holds its share of a global batch and its val
-    split (if any) a whole global batch.
-
-    Checked up front, so a missing or too small validation split fails before training, not at the
-    first evaluation.
-    """
-    g = config.train.global_batch_size
-    for source, manifest, share in zip(sources, manifests, train_batch_sizes):
-        for role, needed in (("train", share), ("val", g)):
-            split = config.data[f"{role}_split"]
-            if not split and role == "val":
-                continue
-            if split not in manifest["splits"]:
-                raise ConfigError(f"data.{role}_split={split!r} is not a split of {source.dataset_dir} "
-                                  f"(splits: {sorted(manifest['splits'])})")
-            records = manifest["splits"][split]["records"]
-            if records < needed:
-                what = "one global batch" if needed == g else "its share of a global batch"
-                raise ConfigError(f"data.{role}_split={split!r} of {source.dataset_dir} has {records} records, "
-                                  f"fewer than {what} of {needed}")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run, described in one sentence."""
-
-
 class TrainingError(RuntimeError):
     """Training stopped for a stated reason (e.g. repeated non-finite losses)."""
-
-
-class MetricsLog:
-    """metrics.jsonl and TensorBoard scalars in the workdir, local or gs:// (process 0 only).
-
-    A GCS object cannot be appended to, so metrics.jsonl is held in memory (the lines an earlier
-    run of this workdir wrote, then each new one) and rewritten whole with `paths.atomic_write`:
-    the file always holds complete lines, locally and on GCS alike. It is rewritten at most every
-    `flush_every_s` seconds, at every checkpoint (so no line a resumed run will not replay is
-    lost to a kill) and on close, so a long run does not upload it at every log step.
-    TensorBoard events go through tensorboardX, which writes gs:// itself.
-    """
-
-    def __init__(self, workdir, flush_every_s: float = 10.0):
-        self.enabled = jax.process_index() == 0
-        if not self.enabled:
-            return
-        from tensorboardX import SummaryWriter
-
-        workdir = paths.resolve(workdir)
-        self._path = workdir / "metrics.jsonl"
-        self._text = self._path.read_text() if self._path.exists() else ""
-        self._flush_every_s = flush_every_s
-        self._last_flush = time.monotonic()
-        self._tb = SummaryWriter(str(workdir / "tensorboard"))
-
-    def write(self, step: int, split: str, metrics: dict) -> None:
-        if not self.enabled:
-            return
-        record = {"step": int(step), "split": split, **{k: float(v) for k, v in metrics.items()}}
-        self._text += json.dumps(record) + "\n"
-        if time.monotonic() - self._last_flush >= self._flush_every_s:
-            self.flush()
-        for k, v in metrics.items():
-            self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
-
-    def flush(self) -> None:
-        """Rewrite metrics.jsonl with every line so far."""
-        if self.enabled:
-            paths.atomic_write(self._path, self._text)
-            self._last_flush = time.monotonic()
-
-    def close(self) -> None:
-        if self.enabled:
-            self.flush()
-            self._tb.close()
-
-
-class _StopSignal:
-    """Turns SIGTERM (preemption) into a flag the loop checks between steps."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        log.warning("SIGTERM received: saving a checkpoint and exiting")
-        self.requested = True
-
-    def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
 
 
 def evaluate_loss(eval_step, state, config, dims: DataDims, mesh: Mesh,
@@ -557,28 +319,6 @@ def evaluate_loss(eval_step, state, config, dims: DataDims, mesh: Mesh,
         log.warning("validation split %r has fewer records than one global batch; skipping validation", split)
         return None
     return {k: v / count for k, v in totals.items()}
-
-
-def make_train_iterator(config: ml_collections.ConfigDict, sources: list[data.MixtureSource]):
-    """The training batches: a BatchIterator over data.dir, or a MixtureIterator over data.mixture."""
-    options = dict(shuffle=config.data.shuffle, prefetch=config.data.prefetch, workers=data_workers(config),
-                   skip_corrupt=config.data.skip_corrupt)
-    if not config.data.mixture:
-        return data.BatchIterator(sources[0].dataset_dir, config.data.train_split, config.train.global_batch_size,
-                                  seed=config.seed, **options)
-    return data.MixtureIterator(sources, config.data.train_split, config.train.global_batch_size,
-                                seed=config.seed, **options)
-
-
-def mixture_batch_sizes(config: ml_collections.ConfigDict, sources: list[data.MixtureSource]) -> list[int]:
-    """Records of each dataset in a global batch (data.mixture.allocate); ConfigError if one gets none."""
-    if not config.data.mixture:
-        return [config.train.global_batch_size]
-    try:
-        return data.mixture.allocate([s.weight for s in sources], config.train.global_batch_size,
-                                     jax.process_count())
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
 
 
 def abstract_state(state, mesh: Mesh):
@@ -653,7 +393,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, evaluato
     train_step, eval_step = make_steps(config, dims, mesh, num_steps)
     metrics_log = MetricsLog(workdir)
     profiler = profiling.StepProfiler(config.train.profile_steps, workdir / "tensorboard")
-    stop = _StopSignal()
+    stop = StopSignal()
     step = int(state.step)
     last_train, last_val, preempted = {}, None, False
     progress = tqdm(total=num_steps, initial=step, desc="pretrain", unit="step",

@@ -17,7 +17,7 @@ import pytest
 
 from configs import default
 from primus_jax import compile as aot
-from primus_jax import topology, train
+from primus_jax import topology, train, trainconfig
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_MODEL = {"conv_channels": 8, "hidden_dim": 48, "ssl_dim": 40, "mm_dim": 24}
@@ -84,7 +84,7 @@ def _lowered_text(devices):
     config.train.global_batch_size = 8
     config.queue.size = 8
     mesh = train.make_mesh(devices)
-    dims = train.DataDims(window_length=250, rate_hz=50.0, text_dim=512, video_dim=512)
+    dims = trainconfig.DataDims(window_length=250, rate_hz=50.0, text_dim=512, video_dim=512)
     train_step, _ = train.make_steps(config, dims, mesh, 10)
     state, batch = aot.abstract_inputs(config, dims, mesh)
     return train_step.lower(state, batch).as_text()
@@ -105,7 +105,7 @@ def test_the_formulation_follows_the_platform_of_the_mesh_not_of_the_machine():
     with chosen.unlocked():
         chosen.model.gru_unroll = 4
     assert train.with_formulation(chosen, mesh).model.gru_unroll == 4
-    assert train.build_model(model).gru_unroll is True and train.build_model(model).conv_impl == "matmul"
+    assert trainconfig.build_model(model).gru_unroll is True and trainconfig.build_model(model).conv_impl == "matmul"
 
 
 def _run_compile(*args):
@@ -138,7 +138,7 @@ def test_bad_topologies_and_batches_get_one_sentence_before_any_compile():
         topology.describe("v5e:3x3")
     config = _small_config()
     config.train.global_batch_size = 30
-    with pytest.raises(train.ConfigError, match="global_batch_size=30 is not divisible by the 4 devices"):
+    with pytest.raises(trainconfig.ConfigError, match="global_batch_size=30 is not divisible by the 4 devices"):
         aot.compile_for_topology(config, topology.describe("v5e:2x2"))
 
 

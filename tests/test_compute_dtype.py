@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from primus_jax import train
+from primus_jax import train, trainconfig
 
 DIM = 16
 T = 128
@@ -42,7 +42,7 @@ def host_batch(seed: int) -> dict:
 @pytest.fixture(scope="module")
 def two_steps_per_dtype():
     """dtype -> (metrics of steps 1 and 2, final state); two batches so the NN terms see a filled queue."""
-    dims = train.DataDims(window_length=T, rate_hz=50.0, text_dim=DIM, video_dim=DIM)
+    dims = trainconfig.DataDims(window_length=T, rate_hz=50.0, text_dim=DIM, video_dim=DIM)
     mesh = train.make_mesh(jax.devices()[:1])
     results = {}
     for dtype in ("float32", "bfloat16"):

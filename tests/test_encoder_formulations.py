@@ -13,14 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from primus_jax.models import (
-    IMUEncoder,
-    affine_dilated_conv1d,
-    dilated_conv1d_matmul,
-    gru_recurrence,
-    max_pool_floor,
-    resolve_conv_impl,
-)
+from primus_jax.models import IMUEncoder, resolve_conv_impl
+from primus_jax.ops import affine_dilated_conv1d, dilated_conv1d_matmul, gru_recurrence, max_pool_floor
 
 RTOL = 1e-5
 

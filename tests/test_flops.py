@@ -28,7 +28,7 @@ import pytest
 
 from benchmarks.train_step import synthetic_batch
 from configs import default
-from primus_jax import flops, train
+from primus_jax import flops, train, trainconfig
 
 T = 250
 EMBEDDING_DIM = 512
@@ -90,7 +90,7 @@ def test_encoder_forward_count_matches_xla(gru_over, hidden_dim):
     config = default.get_config()
     config.model.gru_over = gru_over
     config.model.hidden_dim = config.model.ssl_dim = config.model.mm_dim = hidden_dim
-    model = train.build_model(config.model)
+    model = trainconfig.build_model(config.model)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((64, T, 6)), jnp.float32)
     params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x[:1]))["params"]
     params = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), params)
@@ -104,14 +104,14 @@ def test_encoder_forward_count_matches_xla(gru_over, hidden_dim):
 def test_encoder_backward_count_matches_xla_where_the_convs_dominate():
     """Forward + backward with respect to the params, at hidden_dim=8 where conv1 is ~half the count.
 
-    conv1's backward is its kernel gradient alone (`models.affine_dilated_conv1d`): counting its
+    conv1's backward is its kernel gradient alone (`ops.affine_dilated_conv1d`): counting its
     input gradient too would put the analytic count ~17% above XLA's (measured with jax 0.10.2:
     XLA / analytic = 1.019, and 0.854 had conv1 counted at 2x).
     """
     config = default.get_config()
     config.model.gru_over = "time"
     config.model.hidden_dim = config.model.ssl_dim = config.model.mm_dim = 8
-    model = train.build_model(config.model)
+    model = trainconfig.build_model(config.model)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((64, T, 6)), jnp.float32)
     params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x[:1]))["params"]
     params = jax.tree_util.tree_map(lambda s: jnp.ones(s.shape, s.dtype), params)
@@ -128,7 +128,7 @@ def test_encoder_backward_count_matches_xla_where_the_convs_dominate():
 def test_train_step_count_matches_xla_at_batch_64():
     config = default.get_config()
     config.train.global_batch_size = 64
-    dims = train.DataDims(window_length=T, rate_hz=50.0, text_dim=EMBEDDING_DIM, video_dim=EMBEDDING_DIM)
+    dims = trainconfig.DataDims(window_length=T, rate_hz=50.0, text_dim=EMBEDDING_DIM, video_dim=EMBEDDING_DIM)
     mesh = train.make_mesh(jax.devices()[:1])
     state = train.create_train_state(config, dims)
     batch = {k: jnp.asarray(v) for k, v in synthetic_batch(64, T, EMBEDDING_DIM).items()}

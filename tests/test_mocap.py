@@ -241,7 +241,7 @@ def test_bad_clips_are_dropped_with_one_sentence_and_the_run_goes_on(bvh_dir, tm
 def test_demo_mocap_dir_mixes_the_prepared_mocap_into_every_batch(bvh_dir, tmp_path):
     from configs import demo as demo_config
     from data_prep import har
-    from primus_jax import data, demo, train
+    from primus_jax import data, demo, train_data
 
     config = demo_config.get_config()
     assert config.demo.mocap_dir == ""  # the default demo trains on the watch windows alone
@@ -251,7 +251,7 @@ def test_demo_mocap_dir_mixes_the_prepared_mocap_into_every_batch(bvh_dir, tmp_p
     cfg = demo.method_config(config, "primus", str(tmp_path / "watch"), mocap_out)
     sources = data.parse_mixture(cfg.data.mixture, cfg.data.dir)
     assert [(s.dataset_dir, s.weight) for s in sources] == [(str(tmp_path / "watch"), 0.5), (mocap_out, 0.5)]
-    manifests, _ = train.read_manifests(sources)  # the two datasets agree on T, rate and widths
+    manifests, _ = train_data.read_manifests(sources)  # the two datasets agree on T, rate and widths
     assert manifests[1]["splits"]["train"]["records"] == 8 and manifests[1]["source"] == "mocap"
 
 

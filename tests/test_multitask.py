@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import ablations
-from primus_jax import augment, multitask, train
+from primus_jax import augment, multitask, train, trainconfig
 from tests.train_fixtures import export_params, tiny_config, write_tiny_dataset
 
 
@@ -80,5 +80,5 @@ def test_multitask_ssl_config_trains_and_exports(tmp_path):
 def test_multitask_ssl_with_nn_terms_is_a_config_error(tmp_path):
     config = tiny_config(write_tiny_dataset(str(tmp_path / "data")))
     config.objective.method = "multitask_ssl"
-    with pytest.raises(train.ConfigError, match="set objective.use_nn=False"):
+    with pytest.raises(trainconfig.ConfigError, match="set objective.use_nn=False"):
         train.train_and_evaluate(config, str(tmp_path / "w"))

@@ -12,10 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from primus_jax import checkpoint, evaluate, train
+from primus_jax import checkpoint, evaluate, train, trainconfig
 from tests.train_fixtures import TINY_T, tiny_config
 
-DIMS = train.DataDims(window_length=TINY_T, rate_hz=50.0, text_dim=16, video_dim=16)
+DIMS = trainconfig.DataDims(window_length=TINY_T, rate_hz=50.0, text_dim=16, video_dim=16)
 
 
 def precisions_in(hlo_text: str) -> set[str]:
@@ -51,13 +51,13 @@ def test_a_caller_context_does_not_override_the_config():
 
 def test_validate_config_rejects_an_unknown_precision():
     config = tiny_config("unused", model__matmul_precision="tf32")
-    with pytest.raises(train.ConfigError, match=r"model.matmul_precision must be one of .*'tf32'"):
-        train.validate_config(config, DIMS, 1)
+    with pytest.raises(trainconfig.ConfigError, match=r"model.matmul_precision must be one of .*'tf32'"):
+        trainconfig.validate_config(config, DIMS, 1)
 
 
 def _export(tmp_path, matmul_precision):
     config = tiny_config("unused", model__matmul_precision=matmul_precision)
-    model = train.build_model(config.model)
+    model = trainconfig.build_model(config.model)
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, TINY_T, 6)))["params"]
     checkpoint.export_encoder(str(tmp_path / "export"), params, config.model.to_dict(), TINY_T, 50.0)
     return model, params

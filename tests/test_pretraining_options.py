@@ -17,7 +17,7 @@ import numpy as np
 import optax
 import pytest
 
-from primus_jax import data, evaluators, optimizer, profiling, train
+from primus_jax import data, evaluators, optimizer, profiling, train, trainconfig
 from tests.train_fixtures import TINY_DIM, TINY_T, export_params, run_main, tiny_config, tiny_overrides, write_tiny_dataset
 
 CLASSES = ["walk", "run", "sit", "stand"]
@@ -125,7 +125,7 @@ def test_two_processes_read_the_halves_of_each_datasets_share(datasets):
 def test_mixture_of_mismatched_datasets_fails_before_compiling(datasets, tmp_path):
     other = write_tiny_dataset(str(tmp_path / "wide"), n_train=16, n_val=8, text_dim=8)
     config = tiny_config(datasets, data__mixture=f"egoexo4d:1,{other}:1")
-    with pytest.raises(train.ConfigError) as caught:
+    with pytest.raises(trainconfig.ConfigError) as caught:
         train.train_and_evaluate(config, str(tmp_path / "w"))
     assert str(caught.value).startswith(
         f"data.mixture: datasets 'egoexo4d' and '{other}' differ in text_dim (16 and 8)")
@@ -197,14 +197,14 @@ def test_profile_window_and_evaluator_config_errors(datasets, tmp_path):
         assert "train.profile_steps must be () or (start, stop)" in profiling.profile_window_problem(bad)
     config = tiny_config(datasets)
     config.evals.knn = dict(type="knn", every=10, data_dir=datasets)
-    with pytest.raises(train.ConfigError, match=r"evals.knn: unknown evaluator type 'knn'; choose from "
+    with pytest.raises(trainconfig.ConfigError, match=r"evals.knn: unknown evaluator type 'knn'; choose from "
                                                  r"\['fewshot', 'retrieval', 'zeroshot'\]"):
         evaluators.Evaluators(config)
     config.evals.knn = dict(type="fewshot", every=10, data_dir=datasets, shotz=(1,))
-    with pytest.raises(train.ConfigError, match=r"evals.knn \(fewshot\) has unknown fields \['shotz'\]"):
+    with pytest.raises(trainconfig.ConfigError, match=r"evals.knn \(fewshot\) has unknown fields \['shotz'\]"):
         evaluators.Evaluators(config)
     config.evals.knn = dict(type="retrieval", every=0, data_dir="")
-    with pytest.raises(train.ConfigError, match="every must be a positive number of steps, got 0; data_dir is empty"):
+    with pytest.raises(trainconfig.ConfigError, match="every must be a positive number of steps, got 0; data_dir is empty"):
         evaluators.Evaluators(config)
 
 
@@ -233,7 +233,7 @@ def test_a_failing_evaluator_is_reported_once_and_switched_off(datasets, caplog)
     config.evals.few = dict(type="fewshot", every=1, data_dir=downstream, shots=(2, 5))
     config.evals.text = dict(type="retrieval", every=1, data_dir=downstream, head="emb")
     evals = evaluators.Evaluators(config)
-    dims = train.DataDims.from_manifest(data.read_manifest(downstream))
+    dims = trainconfig.DataDims.from_manifest(data.read_manifest(downstream))
     params = None  # both fail while loading their data, before any encoding
     with caplog.at_level("WARNING", logger="primus_jax.evaluators"):
         assert evals.run(1, 10, params, dims) == {}

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from primus_jax import checkpoint, data, train
+from primus_jax import checkpoint, data, train, trainconfig
 from tests.train_fixtures import (export_params, free_port, run_main, tiny_config, tiny_overrides,
                                   write_tiny_dataset)
 
@@ -92,7 +92,7 @@ def _checkpoint_steps(workdir) -> list[int]:
 
 
 def _restore_latest(workdir, config, dataset):
-    dims = train.DataDims.from_manifest(data.read_manifest(dataset))
+    dims = trainconfig.DataDims.from_manifest(data.read_manifest(dataset))
     mesh = train.make_mesh()
     abstract = train.abstract_state(train.replicate(train.create_train_state(config, dims), mesh), mesh)
     saver = checkpoint.Checkpointer(workdir)
@@ -213,7 +213,7 @@ def test_two_sigkills_and_a_sigterm_resume_to_the_uninterrupted_params(dataset, 
 
 def test_failed_save_is_a_clear_error_and_keeps_the_previous_checkpoint(dataset, tmp_path):
     config = tiny_config(dataset)
-    dims = train.DataDims.from_manifest(data.read_manifest(dataset))
+    dims = trainconfig.DataDims.from_manifest(data.read_manifest(dataset))
     mesh = train.make_mesh()
     state = train.replicate(train.create_train_state(config, dims), mesh)
     workdir = str(tmp_path / "w")

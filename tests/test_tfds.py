@@ -17,7 +17,7 @@ import tensorflow_datasets as tfds
 import conftest
 import primus_jax
 from data_prep import add_tfds_metadata as add_metadata_command
-from primus_jax import checkpoint, data, train
+from primus_jax import checkpoint, data, trainconfig
 from tests.train_fixtures import TINY_T, tiny_config
 
 
@@ -128,7 +128,7 @@ def test_tfds_info_splits_and_class_names(dataset, tmp_path):
 
 def test_a_tfds_batch_goes_through_load_encoder(dataset, tmp_path):
     config = tiny_config("unused")
-    model = train.build_model(config.model)
+    model = trainconfig.build_model(config.model)
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, TINY_T, 6)))["params"]
     checkpoint.export_encoder(str(tmp_path / "export"), params, config.model.to_dict(), TINY_T, RATE)
     encode = primus_jax.load_encoder(str(tmp_path / "export"), batch_size=8)

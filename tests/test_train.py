@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from primus_jax import checkpoint, data, train
+from primus_jax import checkpoint, data, train, trainconfig
 from tests.numerics import assert_close_to_scale
 from tests.train_fixtures import free_port, run_main, tiny_config, tiny_overrides, write_tiny_dataset
 
@@ -34,7 +34,7 @@ def _losses_on(devices, config, dims, batches):
 
 def test_one_device_and_four_devices_give_the_same_losses(dataset):
     config = tiny_config(dataset)
-    dims = train.DataDims.from_manifest(data.read_manifest(dataset))
+    dims = trainconfig.DataDims.from_manifest(data.read_manifest(dataset))
     iterator = data.BatchIterator(dataset, "train", 8, seed=0, process_index=0, process_count=1)
     batches = [next(iterator) for _ in range(5)]
     iterator.close()
@@ -90,7 +90,7 @@ def test_export_and_load_encoder_match_the_in_memory_model(dataset, tmp_path):
     assert encoder.matmul_precision == "highest"  # carried by the export
     windows = data.load_split(dataset, "val")["imu"][:13]  # 13: one full batch and a padded one
     with jax.default_matmul_precision("highest"):
-        expected = train.build_model(config.model).apply(
+        expected = trainconfig.build_model(config.model).apply(
             {"params": jax.device_get(summary["state"].params["encoder"])}, windows)
     got = encoder(windows)
     assert got.shape == (13, config.model.mm_dim) and got.dtype == np.float32
