@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 
 from configs import ablations
-from primus_jax import data, multitask, suite, suite_specs, train
+from primus_jax import data, multitask, suite, suite_specs, train, trainconfig
 
 log = logging.getLogger(__name__)
 
@@ -160,15 +160,15 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     unknown = [m for m in config.demo.methods if m not in ablations.ABLATIONS]
     if unknown:
-        raise train.ConfigError(f"demo.methods has unknown methods {unknown}; choose from {sorted(ablations.ABLATIONS)}")
+        raise trainconfig.ConfigError(f"demo.methods has unknown methods {unknown}; choose from {sorted(ablations.ABLATIONS)}")
     if config.demo.seeds < 1 or not 0 <= config.demo.comparison_steps <= config.train.num_steps:
-        raise train.ConfigError(f"demo.seeds must be >= 1 and demo.comparison_steps in [0, train.num_steps="
+        raise trainconfig.ConfigError(f"demo.seeds must be >= 1 and demo.comparison_steps in [0, train.num_steps="
                                 f"{config.train.num_steps}], got {config.demo.seeds} and {config.demo.comparison_steps}")
     try:
         settings = suite_specs.SuiteSettings(shots=tuple(config.demo.shots), trials=config.demo.trials, seed=config.demo.seed,
                                        heads=tuple(config.demo.features), table_shots=config.demo.table_shots)
     except suite_specs.SuiteError as error:
-        raise train.ConfigError(f"demo settings: {error}") from None
+        raise trainconfig.ConfigError(f"demo settings: {error}") from None
     start = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
     text_tower = towers.load_text_tower(config.demo.text_tower)

@@ -25,7 +25,7 @@ Types and their fields (defaults in `DEFAULTS`; every type also takes `every`, `
 
 Each also writes "seconds", its wall time. The features come from `evaluate.encode`, the code the
 demo and the evaluation suite use. A config naming an unknown type or field is a
-`train.ConfigError` when `Evaluators(config)` is built, before anything compiles. An evaluator
+`trainconfig.ConfigError` when `Evaluators(config)` is built, before anything compiles. An evaluator
 that fails when it runs (a missing dataset, fewer windows of a class than k shots, prompts of the
 wrong width, ...) is reported once with one sentence and switched off; training goes on.
 """
@@ -38,7 +38,7 @@ from typing import Any, Mapping
 import ml_collections
 import numpy as np
 
-from primus_jax import data, evaluate, train
+from primus_jax import data, evaluate, trainconfig
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class EvaluatorError(RuntimeError):
     """An evaluator cannot run; the message is the one sentence reported before it is switched off."""
 
 
-def _load_labelled(cfg, split: str, dims: train.DataDims) -> dict:
+def _load_labelled(cfg, split: str, dims: trainconfig.DataDims) -> dict:
     """The split of cfg.data_dir in memory; EvaluatorError unless it matches the pretraining windows."""
     manifest = data.read_manifest(cfg.data_dir)
     if (manifest["T"], float(manifest["rate_hz"])) != (dims.window_length, dims.rate_hz):
@@ -75,13 +75,13 @@ class Evaluator:
     def __init__(self, name: str, cfg: ml_collections.ConfigDict, config: ml_collections.ConfigDict):
         self.name, self.cfg = name, cfg
         self.every = int(cfg.every)
-        self.model = train.build_model(config.model)
+        self.model = trainconfig.build_model(config.model)
         self.matmul_precision = config.model.matmul_precision
         self.feature_dim = {"mmcl": config.model.mm_dim, "ssl": config.model.ssl_dim,
                             "emb": config.model.hidden_dim}[cfg.head]
         self.ready = False
 
-    def setup(self, dims: train.DataDims) -> None:
+    def setup(self, dims: trainconfig.DataDims) -> None:
         raise NotImplementedError
 
     def evaluate(self, params) -> dict[str, float]:
@@ -91,7 +91,7 @@ class Evaluator:
         return evaluate.encode(self.model, params, windows, batch_size=self.cfg.batch_size,
                                head_name=self.cfg.head, matmul_precision=self.matmul_precision)
 
-    def __call__(self, params, dims: train.DataDims) -> dict[str, float]:
+    def __call__(self, params, dims: trainconfig.DataDims) -> dict[str, float]:
         if not self.ready:
             self.setup(dims)
             self.ready = True
@@ -190,10 +190,10 @@ def _configured(name: str, entry: Mapping[str, Any]) -> ml_collections.ConfigDic
     """The entry merged over its type's DEFAULTS; ConfigError naming any unknown type, field or bad value."""
     kind = entry.get("type") or name
     if kind not in TYPES:
-        raise train.ConfigError(f"evals.{name}: unknown evaluator type {kind!r}; choose from {sorted(TYPES)}")
+        raise trainconfig.ConfigError(f"evals.{name}: unknown evaluator type {kind!r}; choose from {sorted(TYPES)}")
     unknown = sorted(set(entry) - set(DEFAULTS[kind]))
     if unknown:
-        raise train.ConfigError(f"evals.{name} ({kind}) has unknown fields {unknown}; valid: {sorted(DEFAULTS[kind])}")
+        raise trainconfig.ConfigError(f"evals.{name} ({kind}) has unknown fields {unknown}; valid: {sorted(DEFAULTS[kind])}")
     cfg = ml_collections.ConfigDict({**DEFAULTS[kind], **dict(entry), "type": kind})
     problems = []
     if not isinstance(cfg.every, int) or cfg.every <= 0:
@@ -208,7 +208,7 @@ def _configured(name: str, entry: Mapping[str, Any]) -> ml_collections.ConfigDic
     if kind == "fewshot" and (cfg.trials < 1 or not cfg.c_grid or min(cfg.c_grid) <= 0):
         problems.append(f"trials and every C of c_grid must be positive, got {cfg.trials} and {cfg.c_grid!r}")
     if problems:
-        raise train.ConfigError(f"evals.{name}: " + "; ".join(problems))
+        raise trainconfig.ConfigError(f"evals.{name}: " + "; ".join(problems))
     return cfg
 
 
@@ -228,7 +228,7 @@ class Evaluators:
         """The active evaluators to run after update `step` (every `every` steps, and at the last step)."""
         return [e for e in self.active if step % e.every == 0 or step == last_step]
 
-    def run(self, step: int, last_step: int, encoder_params, dims: train.DataDims) -> dict[str, dict[str, float]]:
+    def run(self, step: int, last_step: int, encoder_params, dims: trainconfig.DataDims) -> dict[str, dict[str, float]]:
         """{name: metrics} of the evaluators due at `step`, on `encoder_params` (host numpy).
 
         An evaluator that raises is logged once (one sentence) and removed from `active`.
