@@ -1,9 +1,15 @@
-"""Command-line parsing shared by `primus_jax.main` and `primus_jax.compile`."""
+"""Command-line parsing shared by `primus_jax.main` and `primus_jax.compile`.
+
+Each command defines its absl flags in a `define_flags()` that only `run_command` calls, so importing
+a command's module (tests, another command, a notebook) defines no flags: both commands take
+`--config`, and absl refuses a flag defined twice in one process.
+"""
 from __future__ import annotations
 
 import sys
+from typing import Callable
 
-from absl import flags
+from absl import app, flags
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -25,3 +31,9 @@ def parse_flags(argv: list[str]) -> list[str]:
         message = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
         print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def run_command(main: Callable[[list[str]], None], define_flags: Callable[[], None]) -> None:
+    """Defines the command's flags, then runs `main` under absl with `parse_flags`."""
+    define_flags()
+    app.run(main, flags_parser=parse_flags)

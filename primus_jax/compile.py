@@ -41,12 +41,16 @@ import time  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/X.py)")
-_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:16x16 (primus_jax/topology.py)")
-_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "slices of the topology (multi-slice jobs)")
-_PER_CHIP_BATCH = flags.DEFINE_integer("per_chip_batch", 0, "windows per chip; 0: train.global_batch_size")
-_WINDOW_LENGTH = flags.DEFINE_integer("window_length", 250, "samples per IMU window (the dataset's T)")
-flags.mark_flags_as_required(["config", "topology"])
+
+
+def define_flags() -> None:
+    """The command's flags, defined only when it runs as a command (see `cli.run_command`)."""
+    config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/X.py)")
+    flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:16x16 (primus_jax/topology.py)")
+    flags.DEFINE_integer("num_slices", 1, "slices of the topology (multi-slice jobs)")
+    flags.DEFINE_integer("per_chip_batch", 0, "windows per chip; 0: train.global_batch_size")
+    flags.DEFINE_integer("window_length", 250, "samples per IMU window (the dataset's T)")
+    flags.mark_flags_as_required(["config", "topology"])
 
 COLLECTIVE_KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
@@ -294,11 +298,11 @@ def main(argv) -> None:
     from primus_jax import topology, trainconfig
 
     try:
-        topo = topology.describe(_TOPOLOGY.value, _NUM_SLICES.value)
+        topo = topology.describe(flags.FLAGS.topology, flags.FLAGS.num_slices)
         print(f"libtpu described {topo.name} (its warnings about the TPU runtime this machine lacks are "
               f"discarded); compiling the train and eval steps ...", file=sys.stderr)
-        config, steps, refusal = compile_for_topology(_CONFIG.value, topo, _WINDOW_LENGTH.value,
-                                                      _PER_CHIP_BATCH.value)
+        config, steps, refusal = compile_for_topology(flags.FLAGS.config, topo, flags.FLAGS.window_length,
+                                                      flags.FLAGS.per_chip_batch)
     except (topology.TopologyError, trainconfig.ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
@@ -311,6 +315,6 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    from primus_jax.cli import parse_flags
+    from primus_jax.cli import run_command
 
-    app.run(main, flags_parser=parse_flags)
+    run_command(main, define_flags)

@@ -18,9 +18,14 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/X.py)")
-_WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, logs, reports and the export")
-flags.mark_flags_as_required(["config", "workdir"])
+
+
+def define_flags() -> None:
+    """The command's flags, defined only when it runs as a command (see `cli.run_command`)."""
+    config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/X.py)")
+    flags.DEFINE_string("workdir", None, "directory for checkpoints, logs, reports and the export")
+    flags.mark_flags_as_required(["config", "workdir"])
+
 
 CLUSTER_ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
 
@@ -80,24 +85,24 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax and XLA are chatty at INFO
     logging.getLogger("primus_jax").setLevel(logging.INFO)
-    config = _CONFIG.value
+    config = flags.FLAGS.config
     from primus_jax import checkpoint, data, paths, train, trainconfig
 
     try:
         initialize_distributed(config.distributed)
-        summary = run(config, _WORKDIR.value)
+        summary = run(config, flags.FLAGS.workdir)
     except (trainconfig.ConfigError, data.DataError, checkpoint.CheckpointError, train.TrainingError,
             paths.PathError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2 if isinstance(err, trainconfig.ConfigError) else 1)
     if summary.get("preempted"):
-        print(f"preempted at step {summary['step']}: checkpoint saved in {_WORKDIR.value}", file=sys.stderr)
+        print(f"preempted at step {summary['step']}: checkpoint saved in {flags.FLAGS.workdir}", file=sys.stderr)
     elif "skipped_updates" in summary:
         print(f"finished at step {summary['step']}: {summary['skipped_updates']} non-finite updates skipped, "
               f"{summary['skipped_records']} corrupt records skipped", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    from primus_jax.cli import parse_flags
+    from primus_jax.cli import run_command
 
-    app.run(main, flags_parser=parse_flags)
+    run_command(main, define_flags)

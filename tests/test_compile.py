@@ -160,3 +160,14 @@ def test_collectives_are_counted_with_their_result_bytes():
     assert aot.collectives(hlo) == {"all-gather": {"count": 1, "bytes": 64 * 512 * 2},
                                     "all-reduce": {"count": 1, "bytes": 8 * 4 + 4 * 4},
                                     "collective-permute": {"count": 1, "bytes": 16 * 512 * 4}}
+
+
+def test_the_two_commands_import_into_one_process_and_define_no_flags():
+    """main and compile both take --config; importing either (as this file and test_gcs do in one
+    pytest worker) must define no absl flag, or absl refuses the second definition."""
+    from absl import flags
+
+    from primus_jax import main
+
+    assert "config" not in flags.FLAGS and "topology" not in flags.FLAGS
+    assert callable(main.define_flags) and callable(aot.define_flags)
