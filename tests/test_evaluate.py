@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from primus_jax import evaluate, report
+from primus_jax import evaluate, logistic, report
 from primus_jax.models import IMUEncoder
 from tests.numerics import assert_close_to_scale
 
@@ -99,7 +99,7 @@ def test_text_prior_start_is_pulled_to_the_zero_shot_classifier(clusters):
     prototypes = evaluate.class_prototypes(text)
     # A vanishing C pins W to the prototypes: the head is the zero-shot classifier plus a bias.
     shots = evaluate.l2_normalize(train_feats[:8])
-    fit = evaluate.fit_logistic_regression(shots, train_labels[:8], NUM_CLASSES, 1e-9, w_0=prototypes)
+    fit = logistic.fit_logistic_regression(shots, train_labels[:8], NUM_CLASSES, 1e-9, w_0=prototypes)
     np.testing.assert_allclose(fit.w, prototypes, atol=1e-6)
     result = evaluate.few_shot_probe(
         train_feats, train_labels, test_feats, test_labels, evaluate.FewShotProtocol((1,), NUM_CLASSES, trials=2),
@@ -141,19 +141,19 @@ def test_c_is_the_grid_value_with_the_best_cross_validated_accuracy():
     feats, labels = _gaussian_classes(6, rng)
     # Tight tolerance: warm-started and cold-started fits then reach the same optimum.
     config = evaluate.LinearProbeConfig(c_grid=(1e-3, 1e-1, 10.0), gradient_tolerance=1e-9)
-    c, how = evaluate.choose_c(feats, labels, 5, np.random.default_rng(1), config=config)
+    c, how = logistic.choose_c(feats, labels, 5, np.random.default_rng(1), config=config)
     assert how == "3-fold cross-validation" and c in config.c_grid
-    folds = evaluate.stratified_folds(labels, 3, np.random.default_rng(1))
+    folds = logistic.stratified_folds(labels, 3, np.random.default_rng(1))
     assert all(np.bincount(folds[labels == k], minlength=3).tolist() == [2, 2, 2] for k in range(5))
     scores = {}
     for grid_c in config.c_grid:  # cold-started refits: the warm starts change no optimum
         hits = []
         for f in range(3):
-            fit = evaluate.fit_logistic_regression(feats[folds != f], labels[folds != f], 5, grid_c, config=config)
+            fit = logistic.fit_logistic_regression(feats[folds != f], labels[folds != f], 5, grid_c, config=config)
             hits.append(np.mean(np.argmax(fit.logits(feats[folds == f]), axis=1) == labels[folds == f]))
         scores[grid_c] = np.mean(hits)
     assert scores[c] == max(scores.values())
-    assert evaluate.choose_c(feats[::6], labels[::6], 5, rng, config=config) == (1.0, "fixed (1 shot per class: none to hold out)")
+    assert logistic.choose_c(feats[::6], labels[::6], 5, rng, config=config) == (1.0, "fixed (1 shot per class: none to hold out)")
 
 
 def test_probe_records_c_and_convergence_per_trial(clusters):
