@@ -28,7 +28,7 @@ import os
 
 import numpy as np
 
-from data_prep import bvh, common, mocap
+from data_prep import bvh, common, virtual_imu
 
 
 def header(path: str) -> tuple[int, float]:
@@ -57,9 +57,9 @@ def seam_statistics(groups: dict, every: int) -> dict:
     jumps, steps = [], []
     for first, second in pairs:
         a, b = forearm_rotations(first), forearm_rotations(second)
-        jumps.append(np.linalg.norm(mocap.rotation_log(a[-1].T @ b[0])))
+        jumps.append(np.linalg.norm(virtual_imu.rotation_log(a[-1].T @ b[0])))
         for r in (a, b):
-            steps.append(np.median(np.linalg.norm(mocap.rotation_log(np.swapaxes(r[:-1], -1, -2) @ r[1:]), axis=-1)))
+            steps.append(np.median(np.linalg.norm(virtual_imu.rotation_log(np.swapaxes(r[:-1], -1, -2) @ r[1:]), axis=-1)))
     return {"seams": len(pairs), "seam_deg_median": round(float(np.rad2deg(np.median(jumps))), 1),
             "seam_deg_p90": round(float(np.rad2deg(np.percentile(jumps, 90))), 1),
             "frame_deg_median": round(float(np.rad2deg(np.median(steps))), 2)}

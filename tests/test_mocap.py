@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from data_prep import bvh, common, mocap
+from data_prep import bvh, common, mocap, virtual_imu
 from primus_jax.data import load_split, read_manifest
 from test_data_prep_parallel import assert_same_dataset, dataset_content
 
@@ -28,7 +28,7 @@ SKELETON = [
     ("Hand_L", "LowerArm_L", (0.25, 0.0, 0.0), ("Zrotation", "Xrotation", "Yrotation")),
     ("Head", "Hips", (0.0, 0.7, 0.0), ("Zrotation", "Xrotation", "Yrotation")),
 ]
-STATIC = mocap.Synthesis(sites=("waist", "thigh_r", "wrist_l"), units="m", up="+y", mount="none", short="drop")
+STATIC = virtual_imu.Synthesis(sites=("waist", "thigh_r", "wrist_l"), units="m", up="+y", mount="none", short="drop")
 
 
 def write_bvh(path, root_values, *, skeleton=SKELETON, frame_time=1 / 30, header_frames=None, channels=None):
@@ -84,12 +84,12 @@ def test_reader_on_real_clips_matches_headers_units_and_up_axis():
 def test_real_clips_read_about_g_at_rest():
     medians = []
     for path in sorted(FIXTURES.glob("*.bvh")):
-        imus, rate_hz = mocap.synthesize(bvh.read(str(path)), mocap.Synthesis(), path.name)
+        imus, rate_hz = virtual_imu.synthesize(bvh.read(str(path)), virtual_imu.Synthesis(), path.name)
         assert abs(rate_hz - 30.0) < 1e-9
         for imu in imus.values():
             assert imu.shape[1] == 6 and np.isfinite(imu).all()
             turning = np.linalg.norm(imu[:, 3:], axis=1)
-            rest = ndimage.maximum_filter1d(turning, 15, mode="nearest") < mocap.REST_TURN
+            rest = ndimage.maximum_filter1d(turning, 15, mode="nearest") < virtual_imu.REST_TURN
             if rest.sum() >= 15:
                 medians.append(np.median(np.linalg.norm(imu[rest, :3], axis=1)))
     assert len(medians) >= 20
@@ -105,9 +105,9 @@ def test_constant_rotation_rate_reads_on_the_gyroscope(tmp_path, tilt_deg):
     t = np.arange(90) / 30
     path = write_bvh(tmp_path / "turn.bvh", root_motion(90, rotation_zxy_deg=np.stack(
         [np.full_like(t, tilt_deg), 0 * t, np.rad2deg(rate * t)], 1)))
-    imus, _ = mocap.synthesize(bvh.read(path), STATIC, "turn")
+    imus, _ = virtual_imu.synthesize(bvh.read(path), STATIC, "turn")
     np.testing.assert_allclose(imus["waist"][:, 3:], np.tile([0.0, rate, 0.0], (90, 1)), atol=1e-9)
-    mounted, _ = mocap.synthesize(bvh.read(path), mocap.Synthesis(sites=("waist",), units="m", up="+y", short="drop"), "turn")
+    mounted, _ = virtual_imu.synthesize(bvh.read(path), virtual_imu.Synthesis(sites=("waist",), units="m", up="+y", short="drop"), "turn")
     np.testing.assert_allclose(np.linalg.norm(mounted["waist"][:, 3:], axis=1), rate, atol=1e-9)
 
 
@@ -116,8 +116,8 @@ def test_constant_acceleration_reads_a_minus_g(tmp_path):
     t = np.arange(75) / 30
     position = np.array([0.0, 0.9, 0.0]) + 0.5 * a * t[:, None] ** 2
     path = write_bvh(tmp_path / "push.bvh", root_motion(75, position=100 * position))
-    cm = mocap.Synthesis(sites=("waist", "thigh_r", "wrist_l"), units="cm", up="+y", mount="none", short="drop")
-    imus, _ = mocap.synthesize(bvh.read(path), cm, "push")
+    cm = virtual_imu.Synthesis(sites=("waist", "thigh_r", "wrist_l"), units="cm", up="+y", mount="none", short="drop")
+    imus, _ = virtual_imu.synthesize(bvh.read(path), cm, "push")
     for site in cm.sites:  # the figure does not turn: every site feels a - g, g = (0, -9.80665, 0)
         np.testing.assert_allclose(imus[site][:, :3], np.tile(a + [0, G, 0], (75, 1)), atol=1e-6)
         np.testing.assert_allclose(imus[site][:, 3:], 0, atol=1e-9)
@@ -129,25 +129,25 @@ def test_a_static_pose_turned_90_degrees_moves_gravity_to_the_expected_axis(tmp_
     pitched = write_bvh(tmp_path / "pitched.bvh", root_motion(30, rotation_zxy_deg=(0.0, 90.0, 0.0)))
     expected = {upright: [0, G, 0], on_side: [G, 0, 0], pitched: [0, 0, -G]}
     for path, acc in expected.items():
-        imus, _ = mocap.synthesize(bvh.read(path), STATIC, "static")
+        imus, _ = virtual_imu.synthesize(bvh.read(path), STATIC, "static")
         for imu in imus.values():
             np.testing.assert_allclose(imu, np.tile(acc + [0, 0, 0], (30, 1)), atol=1e-9)
-    z_up, _ = mocap.synthesize(bvh.read(upright), mocap.Synthesis(sites=("waist",), units="m", up="+z", mount="none", short="drop"), "z")
+    z_up, _ = virtual_imu.synthesize(bvh.read(upright), virtual_imu.Synthesis(sites=("waist",), units="m", up="+z", mount="none", short="drop"), "z")
     np.testing.assert_allclose(z_up["waist"][:, :3], np.tile([0, 0, G], (30, 1)), atol=1e-9)
 
 
 def test_mounting_rotations_are_seeded_uniform_rotations():
-    rotations = mocap.random_rotations(np.random.default_rng(0), 2000)
+    rotations = virtual_imu.random_rotations(np.random.default_rng(0), 2000)
     np.testing.assert_allclose(rotations @ np.swapaxes(rotations, 1, 2), np.broadcast_to(np.eye(3), rotations.shape), atol=1e-12)
     np.testing.assert_allclose(np.linalg.det(rotations), 1.0, atol=1e-12)
     assert np.abs(rotations.mean(axis=0)).max() < 0.05  # uniform on SO(3): E[R] = 0
-    np.testing.assert_array_equal(rotations, mocap.random_rotations(np.random.default_rng(0), 2000))
+    np.testing.assert_array_equal(rotations, virtual_imu.random_rotations(np.random.default_rng(0), 2000))
     angles = np.linspace(0.1, np.pi - 1e-3, 7)
     axis = np.array([2.0, -1.0, 0.5]) / np.linalg.norm([2.0, -1.0, 0.5])
     for angle in angles:  # rotation_log inverts Rodrigues' formula
         k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
         r = np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * k @ k
-        np.testing.assert_allclose(mocap.rotation_log(r), angle * axis, atol=1e-9)
+        np.testing.assert_allclose(virtual_imu.rotation_log(r), angle * axis, atol=1e-9)
 
 
 def test_narrations_from_templates_and_file_names():
@@ -270,13 +270,13 @@ def test_labels_from_a_csv(bvh_dir, tmp_path):
 def test_noise_model_is_seeded_bias_plus_white_noise(tmp_path):
     path = write_bvh(tmp_path / "still.bvh", root_motion(600))
     noisy = dict(sites=("waist",), units="m", up="+y", mount="none", short="drop", noise=True)
-    clean, _ = mocap.synthesize(bvh.read(path), STATIC, "still")
-    imu, _ = mocap.synthesize(bvh.read(path), mocap.Synthesis(**noisy), "still")
-    again, _ = mocap.synthesize(bvh.read(path), mocap.Synthesis(**noisy), "still")
-    other, _ = mocap.synthesize(bvh.read(path), mocap.Synthesis(**noisy, seed=1), "still")
+    clean, _ = virtual_imu.synthesize(bvh.read(path), STATIC, "still")
+    imu, _ = virtual_imu.synthesize(bvh.read(path), virtual_imu.Synthesis(**noisy), "still")
+    again, _ = virtual_imu.synthesize(bvh.read(path), virtual_imu.Synthesis(**noisy), "still")
+    other, _ = virtual_imu.synthesize(bvh.read(path), virtual_imu.Synthesis(**noisy, seed=1), "still")
     np.testing.assert_array_equal(imu["waist"], again["waist"])
     assert not np.array_equal(imu["waist"], other["waist"])
     error = imu["waist"] - clean["waist"]
     residual = error - error.mean(axis=0)  # the bias is constant over the clip
-    for columns, sigma in ((slice(0, 3), mocap.NOISE["acc_noise"]), (slice(3, 6), mocap.NOISE["gyro_noise"])):
+    for columns, sigma in ((slice(0, 3), virtual_imu.NOISE["acc_noise"]), (slice(3, 6), virtual_imu.NOISE["gyro_noise"])):
         assert 0.85 * sigma < residual[:, columns].std() < 1.15 * sigma  # 1,800 samples: s.e. 1.7 %
